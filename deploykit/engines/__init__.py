@@ -1,0 +1,20 @@
+"""Backends. Each builds an engine from an ONNX file with the same small surface:
+
+    engine = build(onnx_path, ...)      # deploykit.engines.ort.build
+    outputs = engine.run({"name": array, ...})  # dict name -> numpy array
+    engine.inputs / engine.outputs      # [TensorSpec(name, shape, dtype)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}

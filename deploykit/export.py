@@ -1,0 +1,227 @@
+"""convert: checkpoint -> rewritten model -> static ONNX, checked against PyTorch.
+
+Writes ``OUT/`` atomically (see deploykit.artifacts):
+
+    model.onnx            static shapes, simplified, custom ops as deploykit::* nodes
+    weights.safetensors   the rewritten model's weights
+    inputs.npz            one realistic set of engine inputs (for bench and checks)
+    check.json            ONNX Runtime vs the original PyTorch model, per output
+    manifest.json         recipe, checkpoint sha256, passes, shapes, versions, timings
+
+The numeric check compares the engine on padded static inputs with the
+*original* model (before any pass) on the unpadded pillars, so it proves the
+rewrites, the padding and the export together.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from . import __version__
+from .artifacts import atomic_directory, sha256_file, write_json
+from .checkpoint import load_state_dict, read_checkpoint
+from .compare import OutputAgreement, compare_outputs
+from .errors import CheckFailedError, ExportError
+from .models import build_model
+from .passes import apply_passes
+from .preprocess.pillar_inputs import PillarInputs, sample_inputs
+from .progress import Steps
+from .recipe import Recipe, load_recipe
+from .synthetic_checkpoint import default_checkpoint
+
+CHECK_SEED = 1000  # sample scenes for the check; distinct from calibration seeds
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    check: dict[str, Any]
+
+
+def load_model(recipe: Recipe, checkpoint: str | Path | None) -> tuple[torch.nn.Module, Path, dict]:
+    path = Path(checkpoint) if checkpoint else default_checkpoint(recipe)
+    state, meta = read_checkpoint(path)
+    model = build_model(recipe)
+    load_state_dict(model, state, source=str(path), recipe=recipe.name)
+    return model.eval(), path, meta
+
+
+def torch_outputs(model: torch.nn.Module, pillars: np.ndarray, coords: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        outs = model(torch.from_numpy(pillars), torch.from_numpy(coords))
+    return {name: t.numpy() for name, t in zip(model.output_names, outs)}
+
+
+def export_onnx(model: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    args = tuple(torch.from_numpy(feeds[name]) for name in model.input_names)
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns about its own deprecation and about
+        # shape-derived Python values it traces as constants; both are expected
+        # for a static-shape export.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, args, str(path), input_names=model.input_names,
+                              output_names=model.output_names, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+        except Exception as exc:  # noqa: BLE001 - exporter errors have no common type
+            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0][:300]}") from None
+
+
+def simplify(path: Path) -> None:
+    import onnxsim
+
+    model = onnx.load(str(path))
+    try:
+        simplified, _ = onnxsim.simplify(model)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnxsim could not simplify the model: {str(exc).splitlines()[0][:300]}") from None
+    onnx.save(simplified, str(path))
+
+
+def static_shape_problems(model: onnx.ModelProto) -> list[str]:
+    problems = []
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") for d in dims):
+            problems.append(value.name)
+    return problems
+
+
+def tensor_specs(model: onnx.ModelProto, values) -> list[dict]:
+    return [{"name": v.name,
+             "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+             "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name}
+            for v in values]
+
+
+def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | None = None,
+            passes: list[str] | None = None, overwrite: bool = False, custom_ops: str = "function",
+            quiet: bool = False) -> ConvertResult:
+    from .engines import ort as ort_engine
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    passes = list(recipe.convert.passes if passes is None else passes)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # fail before any expensive work
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
+    steps = Steps(6, quiet=quiet)
+
+    with steps.step(f"load {recipe.name} checkpoint"):
+        original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
+    with steps.step(f"apply {len(passes)} rewrite passes, run PyTorch reference"):
+        model = apply_passes(original, passes).eval()
+        samples = [sample_inputs(recipe.model, CHECK_SEED + i, model.input_layout)
+                   for i in range(recipe.check.samples)]
+        references = [torch_outputs(original, s.pillars_pnc, s.coords) for s in samples]
+        torch_check = _agreements(references, [torch_outputs(model, s.feeds["pillars"], s.feeds["coords"])
+                                               for s in samples])
+    with atomic_directory(out_dir, overwrite=overwrite) as scratch:
+        onnx_path = scratch / "model.onnx"
+        with steps.step(f"export ONNX (opset {recipe.convert.opset})"):
+            export_onnx(model, samples[0].feeds, onnx_path, recipe.convert.opset)
+        with steps.step("simplify (onnxsim)" if recipe.convert.simplify else "simplify (skipped)"):
+            if recipe.convert.simplify:
+                simplify(onnx_path)
+            exported = onnx.load(str(onnx_path))
+            dynamic = static_shape_problems(exported)
+            if dynamic:
+                raise ExportError(f"exported graph has non-static shapes on {', '.join(dynamic)}")
+        with steps.step(f"check ONNX Runtime against PyTorch on {len(samples)} samples"):
+            engine = ort_engine.build(onnx_path, custom_ops=custom_ops)
+            ort_check = _agreements(references, [engine.run(s.feeds) for s in samples])
+            check = _check_report(recipe, torch_check, ort_check, samples, custom_ops)
+            write_json(scratch / "check.json", check)
+            if not check["passed"]:
+                worst = max(ort_check + torch_check, key=lambda a: a.max_rel_error)
+                raise CheckFailedError(
+                    f"{worst.name} differs from PyTorch by {worst.max_rel_error:.2e} relative "
+                    f"(cosine {worst.cosine:.6f}); the recipe allows {recipe.check.max_rel_error:.0e}"
+                )
+        with steps.step("write weights, sample inputs and manifest"):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(scratch / "weights.safetensors"))
+            np.savez(scratch / "inputs.npz", **samples[0].feeds)
+            manifest = _manifest(recipe, ckpt_path, ckpt_meta, passes, exported, model.input_layout,
+                                 samples[0], steps.timings, custom_ops)
+            write_json(scratch / "manifest.json", manifest)
+    return ConvertResult(out_dir, manifest, check)
+
+
+def _agreements(references: list[dict], candidates: list[dict]) -> list[OutputAgreement]:
+    """Worst case over samples, per output."""
+    worst: dict[str, OutputAgreement] = {}
+    for ref, cand in zip(references, candidates):
+        for a in compare_outputs(ref, cand):
+            w = worst.get(a.name)
+            if w is None or a.max_rel_error > w.max_rel_error or a.cosine < w.cosine:
+                worst[a.name] = OutputAgreement(
+                    a.name, max(a.max_abs_error, w.max_abs_error if w else 0.0),
+                    max(a.max_rel_error, w.max_rel_error if w else 0.0), min(a.cosine, w.cosine if w else 1.0))
+    return list(worst.values())
+
+
+def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[PillarInputs], custom_ops: str) -> dict:
+    tol = recipe.check
+
+    def block(items):
+        return {"passed": all(a.passes(tol.max_rel_error, tol.min_cosine) for a in items),
+                "worst_rel_error": max(a.max_rel_error for a in items),
+                "min_cosine": min(a.cosine for a in items),
+                "outputs": [a.to_dict() for a in items]}
+
+    rewritten, engine = block(torch_check), block(ort_check)
+    return {
+        "reference": "original PyTorch model (no passes) on unpadded pillars",
+        "tolerance": {"max_rel_error": tol.max_rel_error, "min_cosine": tol.min_cosine},
+        "samples": [{"seed": CHECK_SEED + i, "pillars": s.num_pillars} for i, s in enumerate(samples)],
+        "rewritten_pytorch": rewritten,
+        "onnxruntime": {**engine, "custom_ops": custom_ops},
+        "passed": rewritten["passed"] and engine["passed"],
+    }
+
+
+def _manifest(recipe, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.ModelProto, layout: str,
+              sample: PillarInputs, timings: dict, custom_ops: str) -> dict:
+    import onnxruntime
+    import onnxsim
+
+    from .ops import DOMAIN
+
+    custom = {}
+    for node in exported.graph.node:
+        if node.domain == DOMAIN:
+            custom[node.op_type] = custom.get(node.op_type, 0) + 1
+    return {
+        "deploykit": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "stage": "convert",
+        "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None,
+                   "config": recipe.to_dict()},
+        "checkpoint": {"path": str(ckpt_path), "sha256": sha256_file(ckpt_path), "meta": ckpt_meta},
+        "passes": passes,
+        "onnx": {"file": "model.onnx", "opset": recipe.convert.opset, "simplified": recipe.convert.simplify,
+                 "custom_ops": [{"domain": DOMAIN, "op_type": k, "count": v} for k, v in custom.items()],
+                 "nodes": len(exported.graph.node)},
+        "inputs": [{**spec, **({"layout": layout} if spec["name"] == "pillars" else {})}
+                   for spec in tensor_specs(exported, exported.graph.input)],
+        "outputs": tensor_specs(exported, exported.graph.output),
+        "sample": {"file": "inputs.npz", "seed": CHECK_SEED, "pillars": sample.num_pillars},
+        "engine_check": {"backend": "onnxruntime", "custom_ops": custom_ops, "file": "check.json"},
+        "timings_s": timings,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__, "onnxsim": onnxsim.__version__,
+                     "numpy": np.__version__},
+    }

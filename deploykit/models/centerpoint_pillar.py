@@ -1,0 +1,318 @@
+"""CenterPoint with a PointPillars encoder, as laid out in mmdet3d.
+
+Submodule names equal mmdet3d's (``pts_voxel_encoder.pfn_layers.0.linear``,
+``pts_backbone.blocks.0.0``, ``pts_bbox_head.task_heads.0.heatmap.1`` ...) so a
+released checkpoint's state dict loads without renaming, and the forward math
+follows mmdet3d's PillarFeatureNet / PointPillarsScatter / SECOND / SECONDFPN /
+CenterHead exactly. This is the *original* model: the rewrite passes in
+deploykit.passes turn it into the deployable one.
+
+Point decoration (cluster and pillar-center offsets) runs on the host, as real
+deployments do, so the network's input is the decorated pillar tensor plus
+pillar coordinates (``deploykit.preprocess``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VoxelizationConfig:
+    point_cloud_range: tuple[float, float, float, float, float, float]
+    voxel_size: tuple[float, float, float]
+    max_points_per_pillar: int = 20
+    max_pillars: int = 40000
+    point_features: int = 5
+
+    def __post_init__(self):
+        r, v = self.point_cloud_range, self.voxel_size
+        if any(r[i + 3] <= r[i] for i in range(3)) or min(v) <= 0:
+            raise ValueError("point_cloud_range needs max > min and voxel_size > 0")
+        if self.grid_size[2] != 1:
+            raise ValueError(
+                f"pillars need one voxel in z; voxel_size z={v[2]} gives {self.grid_size[2]} "
+                f"over the range {r[2]}..{r[5]}: set voxel_size z to {r[5] - r[2]}"
+            )
+
+    @property
+    def grid_size(self) -> tuple[int, int, int]:
+        r, v = self.point_cloud_range, self.voxel_size
+        return tuple(int(round((r[i + 3] - r[i]) / v[i])) for i in range(3))
+
+
+@dataclass(frozen=True)
+class PillarEncoderConfig:
+    feat_channels: tuple[int, ...] = (64,)
+    with_cluster_center: bool = True
+    with_voxel_center: bool = True
+    with_distance: bool = False
+    legacy: bool = False
+    bn_eps: float = 1e-3
+
+    def decorated_channels(self, point_features: int) -> int:
+        return (point_features + 3 * self.with_cluster_center + 3 * self.with_voxel_center
+                + self.with_distance)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    out_channels: tuple[int, ...] = (64, 128, 256)
+    layer_nums: tuple[int, ...] = (3, 5, 5)
+    layer_strides: tuple[int, ...] = (2, 2, 2)
+    bn_eps: float = 1e-3
+
+
+@dataclass(frozen=True)
+class NeckConfig:
+    out_channels: tuple[int, ...] = (128, 128, 128)
+    upsample_strides: tuple[float, ...] = (0.5, 1.0, 2.0)
+    use_conv_for_no_stride: bool = True
+    bn_eps: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    tasks: tuple[TaskConfig, ...]
+    common_heads: dict[str, tuple[int, int]]
+    share_conv_channel: int = 64
+    head_conv: int = 64
+    final_kernel: int = 3
+    num_heatmap_convs: int = 2
+    bn_eps: float = 1e-5
+    init_bias: float = -2.19
+
+
+@dataclass(frozen=True)
+class CenterPointPillarConfig:
+    arch: ClassVar[str] = "centerpoint_pillar"
+    voxelization: VoxelizationConfig
+    head: HeadConfig
+    pillar_encoder: PillarEncoderConfig = PillarEncoderConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    neck: NeckConfig = NeckConfig()
+
+    def __post_init__(self):
+        b, n = self.backbone, self.neck
+        if not len(b.out_channels) == len(b.layer_nums) == len(b.layer_strides):
+            raise ValueError("backbone out_channels, layer_nums and layer_strides need one entry per stage")
+        if not len(n.out_channels) == len(n.upsample_strides) == len(b.out_channels):
+            raise ValueError("neck out_channels and upsample_strides need one entry per backbone stage")
+        nx, ny, _ = self.voxelization.grid_size
+        if nx % self.output_stride or ny % self.output_stride:
+            raise ValueError(f"BEV grid {ny}x{nx} is not divisible by the head's stride {self.output_stride}")
+
+    @property
+    def pillar_channels(self) -> int:
+        return self.pillar_encoder.decorated_channels(self.voxelization.point_features)
+
+    @property
+    def output_stride(self) -> int:
+        down = 1
+        for s in self.backbone.layer_strides:
+            down *= s
+        return int(round(down / self.neck.upsample_strides[-1]))
+
+
+class PFNLayer(nn.Module):
+    """Linear + BatchNorm1d + ReLU over each point, then max over a pillar's points."""
+
+    def __init__(self, in_channels: int, out_channels: int, eps: float, last_layer: bool):
+        super().__init__()
+        self.last_vfe = last_layer
+        units = out_channels if last_layer else out_channels // 2
+        self.linear = nn.Linear(in_channels, units, bias=False)
+        self.norm = nn.BatchNorm1d(units, eps=eps, momentum=0.01)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # (P, N, C)
+        x = self.linear(inputs)
+        x = self.norm(x.permute(0, 2, 1).contiguous()).permute(0, 2, 1).contiguous()
+        x = F.relu(x)
+        x_max = torch.max(x, dim=1, keepdim=True)[0]
+        if self.last_vfe:
+            return x_max
+        return torch.cat([x, x_max.repeat(1, inputs.shape[1], 1)], dim=2)
+
+
+class PillarFeatureNet(nn.Module):
+    """The PFN layers of mmdet3d's PillarFeatureNet on host-decorated pillars.
+
+    Input (P, N, C) like mmdet3d; output channel-first (1, C_out, P), the layout
+    every pillar encoder in deploykit hands to the scatter.
+    """
+
+    input_layout = "PNC"
+
+    def __init__(self, in_channels: int, cfg: PillarEncoderConfig, num_points: int):
+        super().__init__()
+        # Static points-per-pillar: the rewritten PFN pools over exactly this many.
+        self.num_points = num_points
+        chans = [in_channels, *cfg.feat_channels]
+        self.pfn_layers = nn.ModuleList(
+            PFNLayer(chans[i], chans[i + 1], cfg.bn_eps, last_layer=i == len(chans) - 2)
+            for i in range(len(chans) - 1)
+        )
+
+    def forward(self, pillars: torch.Tensor) -> torch.Tensor:
+        x = pillars
+        for pfn in self.pfn_layers:
+            x = pfn(x)
+        return x.squeeze(1).t().unsqueeze(0)
+
+
+class PointPillarsScatter(nn.Module):
+    """Pillar features onto the BEV canvas by index assignment, as mmdet3d does.
+
+    Static-shape inputs pad the pillar list with rows of -1 coordinates; those
+    (and any coordinate off the grid) are routed to one spare cell that is cut
+    off, so padding never writes into the canvas.
+    """
+
+    def __init__(self, in_channels: int, ny: int, nx: int):
+        super().__init__()
+        self.in_channels, self.ny, self.nx = in_channels, ny, nx
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        y, x = coords[:, 2].long(), coords[:, 3].long()
+        valid = (y >= 0) & (y < self.ny) & (x >= 0) & (x < self.nx)
+        cells = self.ny * self.nx
+        index = torch.where(valid, y * self.nx + x, torch.full_like(y, cells))
+        canvas = feats.new_zeros(self.in_channels, cells + 1)
+        canvas[:, index] = feats[0]
+        return canvas[:, :cells].reshape(1, self.in_channels, self.ny, self.nx)
+
+
+def _bn(channels: int, eps: float) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=eps, momentum=0.01)
+
+
+class SECOND(nn.Module):
+    def __init__(self, in_channels: int, cfg: BackboneConfig):
+        super().__init__()
+        blocks = []
+        c_in = in_channels
+        for c_out, n, stride in zip(cfg.out_channels, cfg.layer_nums, cfg.layer_strides):
+            layers = [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                      _bn(c_out, cfg.bn_eps), nn.ReLU(inplace=True)]
+            for _ in range(n):
+                layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                           _bn(c_out, cfg.bn_eps), nn.ReLU(inplace=True)]
+            blocks.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+
+class SECONDFPN(nn.Module):
+    def __init__(self, in_channels: tuple[int, ...], cfg: NeckConfig):
+        super().__init__()
+        deblocks = []
+        for c_in, c_out, stride in zip(in_channels, cfg.out_channels, cfg.upsample_strides):
+            if stride > 1 or (stride == 1 and not cfg.use_conv_for_no_stride):
+                k = int(stride)
+                up = nn.ConvTranspose2d(c_in, c_out, k, stride=k, bias=False)
+            else:
+                k = int(round(1 / stride))
+                up = nn.Conv2d(c_in, c_out, k, stride=k, bias=False)
+            deblocks.append(nn.Sequential(up, _bn(c_out, cfg.bn_eps), nn.ReLU(inplace=True)))
+        self.deblocks = nn.ModuleList(deblocks)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        ups = [deblock(f) for deblock, f in zip(self.deblocks, feats)]
+        return torch.cat(ups, dim=1) if len(ups) > 1 else ups[0]
+
+
+class ConvModule(nn.Module):
+    """mmcv's ConvModule as CenterHead uses it: conv (no bias) + BN + ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=eps)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.bn(self.conv(x)))
+
+
+class SeparateHead(nn.Module):
+    def __init__(self, in_channels: int, heads: dict[str, tuple[int, int]], cfg: HeadConfig):
+        super().__init__()
+        self.heads = list(heads)
+        for name, (classes, num_conv) in heads.items():
+            layers: list[nn.Module] = []
+            c_in = in_channels
+            for _ in range(num_conv - 1):
+                layers.append(ConvModule(c_in, cfg.head_conv, cfg.final_kernel, cfg.bn_eps))
+                c_in = cfg.head_conv
+            layers.append(nn.Conv2d(c_in, classes, cfg.final_kernel, padding=cfg.final_kernel // 2, bias=True))
+            setattr(self, name, nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [getattr(self, name)(x) for name in self.heads]
+
+
+class CenterHead(nn.Module):
+    def __init__(self, in_channels: int, cfg: HeadConfig):
+        super().__init__()
+        self.shared_conv = ConvModule(in_channels, cfg.share_conv_channel, 3, cfg.bn_eps)
+        self.task_heads = nn.ModuleList()
+        for task in cfg.tasks:
+            heads = dict(cfg.common_heads)
+            heads["heatmap"] = (len(task.class_names), cfg.num_heatmap_convs)
+            self.task_heads.append(SeparateHead(cfg.share_conv_channel, heads, cfg))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.shared_conv(x)
+        return [out for task in self.task_heads for out in task(x)]
+
+
+class CenterPointPillar(nn.Module):
+    """forward(pillars, coords) -> flat tuple of head maps, see ``output_names``."""
+
+    def __init__(self, cfg: CenterPointPillarConfig):
+        super().__init__()
+        self.cfg = cfg
+        nx, ny, _ = cfg.voxelization.grid_size
+        feat = cfg.pillar_encoder.feat_channels[-1]
+        self.pts_voxel_encoder = PillarFeatureNet(
+            cfg.pillar_channels, cfg.pillar_encoder, cfg.voxelization.max_points_per_pillar)
+        self.pts_middle_encoder = PointPillarsScatter(feat, ny, nx)
+        self.pts_backbone = SECOND(feat, cfg.backbone)
+        self.pts_neck = SECONDFPN(cfg.backbone.out_channels, cfg.neck)
+        self.pts_bbox_head = CenterHead(sum(cfg.neck.out_channels), cfg.head)
+
+    @property
+    def input_layout(self) -> str:
+        return self.pts_voxel_encoder.input_layout
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["pillars", "coords"]
+
+    @property
+    def output_names(self) -> list[str]:
+        heads = [*self.cfg.head.common_heads, "heatmap"]
+        return [f"task{t}.{h}" for t in range(len(self.cfg.head.tasks)) for h in heads]
+
+    def forward(self, pillars: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.pts_voxel_encoder(pillars)
+        canvas = self.pts_middle_encoder(feats, coords)
+        bev = self.pts_neck(self.pts_backbone(canvas))
+        return tuple(self.pts_bbox_head(bev))

@@ -1,0 +1,38 @@
+"""Rewrite passes: each a function ``apply(model) -> model``.
+
+A pass returns a rewritten deep copy and never mutates its input, so the
+original model stays available as the reference the rewrite is checked
+against. Passes find their targets by module type anywhere in the model, so
+the same pass serves CenterPoint alone and the LiDAR stream inside BEVFusion.
+The table below is the only place that maps recipe names to passes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from torch import nn
+
+from ..errors import RecipeError
+from . import max_to_maxpool, pfn_linear_to_conv, pillar_scatter_op, pillars_on_w
+
+Pass = Callable[[nn.Module], nn.Module]
+
+PASSES: dict[str, Pass] = {
+    "pfn_linear_to_conv": pfn_linear_to_conv.apply,
+    "max_to_maxpool": max_to_maxpool.apply,
+    "pillars_on_w": pillars_on_w.apply,
+    "pillar_scatter_op": pillar_scatter_op.apply,
+}
+
+
+def apply_passes(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    for name in names:
+        if name not in PASSES:
+            import difflib
+
+            close = difflib.get_close_matches(name, PASSES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known passes: {', '.join(PASSES)}"
+            raise RecipeError(f"unknown pass '{name}'; {hint}")
+        model = PASSES[name](model)
+    return model

@@ -1,0 +1,64 @@
+"""From a point cloud to the tensors a pillar network takes, for one recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from .synthetic_lidar import make_scene
+from .voxelize import VoxelGrid, decorate, pack_pillars, voxelize
+
+
+@dataclass
+class PillarInputs:
+    """Engine feeds (static shapes) plus the unpadded pillars they came from.
+
+    The unpadded form is what the original mmdet3d model sees; comparing it
+    with the padded engine path proves padding never leaks into the output.
+    """
+
+    feeds: dict[str, np.ndarray]
+    pillars_pnc: np.ndarray  # (P_real, N, C) decorated
+    coords: np.ndarray  # (P_real, 4) int32 [0, z, y, x]
+
+    @property
+    def num_pillars(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def voxel_grid(model_cfg) -> VoxelGrid:
+    v = model_cfg.voxelization
+    return VoxelGrid(tuple(v.point_cloud_range), tuple(v.voxel_size), v.max_points_per_pillar, v.max_pillars)
+
+
+def pillar_inputs(points: np.ndarray, model_cfg, layout: str) -> PillarInputs:
+    want = model_cfg.voxelization.point_features
+    if points.ndim != 2 or points.shape[1] < want:
+        raise InputError(f"points must be (M, >= {want}) for this recipe, got shape {list(points.shape)}")
+    grid = voxel_grid(model_cfg)
+    try:
+        voxels = voxelize(points[:, :want], grid)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    enc = model_cfg.pillar_encoder
+    decorated = decorate(voxels, grid, with_cluster_center=enc.with_cluster_center,
+                         with_voxel_center=enc.with_voxel_center, with_distance=enc.with_distance,
+                         legacy=enc.legacy)
+    pillars, coords = pack_pillars(decorated, voxels.coords, grid.max_voxels, layout)
+    real = np.concatenate([np.zeros((voxels.num_voxels, 1), np.int32), voxels.coords], axis=1)
+    return PillarInputs({"pillars": pillars, "coords": coords}, decorated, real)
+
+
+def sample_points(model_cfg, seed: int) -> np.ndarray:
+    """A deterministic synthetic sweep inside the recipe's range."""
+    v = model_cfg.voxelization
+    if v.point_features > 5:
+        raise InputError(f"the synthetic scene has 5 point features, the recipe wants {v.point_features}")
+    scene = make_scene(seed, point_cloud_range=tuple(v.point_cloud_range))
+    return scene.points[:, : v.point_features]
+
+
+def sample_inputs(model_cfg, seed: int, layout: str) -> PillarInputs:
+    return pillar_inputs(sample_points(model_cfg, seed), model_cfg, layout)

@@ -1,0 +1,38 @@
+"""Step-by-step progress on stderr, so long stages show where they are."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+from rich.console import Console
+
+_console = Console(stderr=True, highlight=False)
+
+
+class Steps:
+    """Numbered steps with their durations; silent when ``quiet``."""
+
+    def __init__(self, total: int, *, quiet: bool = False):
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        self.done += 1
+        start = time.perf_counter()
+        label = f"[{self.done}/{self.total}] {title}"
+        if self.quiet:
+            yield
+        else:
+            with _console.status(label):
+                yield
+        elapsed = time.perf_counter() - start
+        self.timings[title] = round(elapsed, 3)
+        if not self.quiet:
+            _console.print(f"{label} [dim]({elapsed:.1f} s)[/dim]")
+
+
+def console() -> Console:
+    return _console
