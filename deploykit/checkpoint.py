@@ -34,6 +34,7 @@ KNOWN_LAYOUTS: dict[str, tuple[str, ...]] = {
 }
 
 MAX_LISTED = 6
+_CODE_RUNNING_MODULES = {"os", "posix", "nt", "subprocess", "sys", "builtins", "shutil", "runpy", "importlib"}
 
 
 class InertGlobal:
@@ -83,6 +84,15 @@ def _torch_load(path: Path) -> Any:
         stand_ins = [(_inert(n), n) for n in names]
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # PyTorch blocks modules such as os/posix/subprocess even when allowed:
+        # the file asks to call something that can run code.
+        if "blocked" in str(exc):
+            blocked = [n for n in names if n.split(".")[0] in _CODE_RUNNING_MODULES] or names
+            raise CheckpointError(
+                f"checkpoint {path} refers to {', '.join(blocked)}, which can run code; refusing to load it"
+            ) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
         raise CheckpointError(_unreadable(path, exc)) from None
 

@@ -116,7 +116,8 @@ def _ray_directions(rng: np.random.Generator, beams: int, azimuth_steps: int) ->
     azimuth = rng.uniform(0, 2 * np.pi) + np.linspace(0, 2 * np.pi, azimuth_steps, endpoint=False)
     elevation, azimuth = np.meshgrid(elevation, azimuth, indexing="ij")
     cos_el = np.cos(elevation)
-    return np.stack([cos_el * np.cos(azimuth), cos_el * np.sin(azimuth), np.sin(elevation)], axis=-1).reshape(-1, 3)
+    directions = np.stack([cos_el * np.cos(azimuth), cos_el * np.sin(azimuth), np.sin(elevation)], axis=-1)
+    return directions.reshape(-1, 3)
 
 
 def _ground_range(directions: np.ndarray) -> np.ndarray:
@@ -134,15 +135,12 @@ def _nearest_box_hit(directions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndar
         return np.full(len(directions), np.inf), np.zeros(len(directions), dtype=np.int64)
     boxes = boxes.astype(np.float64)
     cos_yaw, sin_yaw = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
-    origin = -boxes[:, :3]  # sensor position relative to each box centre, in world axes
-    origin_local = np.column_stack(
-        [cos_yaw * origin[:, 0] + sin_yaw * origin[:, 1], -sin_yaw * origin[:, 0] + cos_yaw * origin[:, 1], origin[:, 2]]
-    )
-    dx, dy, dz = (directions[:, i : i + 1] for i in range(3))  # (R, 1) each
-    dir_local = np.stack(
-        [cos_yaw * dx + sin_yaw * dy, cos_yaw * dy - sin_yaw * dx, np.broadcast_to(dz, (len(dz), len(boxes)))],
-        axis=-1,
-    )  # (R, K, 3)
+    # The sensor sits at the world origin, so in box k's frame it is at -centre_k rotated.
+    origin_xy = _rotate_by_minus_yaw(-boxes[:, 0], -boxes[:, 1], cos_yaw, sin_yaw)
+    origin_local = np.stack([*origin_xy, -boxes[:, 2]], axis=-1)  # (K, 3)
+    dx, dy, dz = (directions[:, i, None] for i in range(3))  # (R, 1) each
+    dir_xy = _rotate_by_minus_yaw(dx, dy, cos_yaw, sin_yaw)
+    dir_local = np.stack([*dir_xy, np.broadcast_to(dz, dir_xy[0].shape)], axis=-1)  # (R, K, 3)
     # A ray parallel to a slab would divide by zero; a tiny step gives the
     # same answer (the slab is either never or always entered).
     dir_local = np.where(np.abs(dir_local) < 1e-12, 1e-12, dir_local)
@@ -155,6 +153,12 @@ def _nearest_box_hit(directions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndar
     hit_range = np.where((t_enter <= t_exit) & (t_enter > 0), t_enter, np.inf)
     nearest = hit_range.argmin(axis=1)
     return hit_range[np.arange(len(directions)), nearest], nearest
+
+
+def _rotate_by_minus_yaw(
+    x: np.ndarray, y: np.ndarray, cos_yaw: np.ndarray, sin_yaw: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    return cos_yaw * x + sin_yaw * y, cos_yaw * y - sin_yaw * x
 
 
 def _in_range(points: np.ndarray, point_cloud_range: tuple[float, ...]) -> np.ndarray:

@@ -60,8 +60,8 @@ class VoxelGrid:
     def grid_size(self) -> tuple[int, int, int]:
         """(nx, ny, nz), computed as mmcv does: float32 division, rounded half away from zero."""
         lo, hi, size = _float32_range_and_size(self)
-        cells = (hi - lo) / size
-        return tuple(int(math.floor(float(c) + 0.5)) for c in cells)  # type: ignore[return-value]
+        nx, ny, nz = (int(math.floor(float(c) + 0.5)) for c in (hi - lo) / size)
+        return nx, ny, nz
 
 
 @dataclass
@@ -183,7 +183,9 @@ def _to_layout(pnc: np.ndarray, layout: str) -> np.ndarray:
 def _validated_points(points: np.ndarray) -> np.ndarray:
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
-        raise ValueError(f"points must be a 2-D array (M, C) with C >= 3 (x, y, z, ...), got shape {points.shape}")
+        raise ValueError(
+            f"points must be a 2-D array (M, C) with C >= 3 (x, y, z, ...), got shape {points.shape}"
+        )
     if not np.issubdtype(points.dtype, np.floating):
         raise ValueError(f"points must be a float array, got dtype {points.dtype}")
     points = np.ascontiguousarray(points, dtype=np.float32)
@@ -192,8 +194,8 @@ def _validated_points(points: np.ndarray) -> np.ndarray:
         bad = np.flatnonzero(~finite_rows)
         num_nan = int(np.isnan(points).any(axis=1).sum())
         raise ValueError(
-            f"points contain {bad.size} non-finite rows ({num_nan} with NaN, {bad.size - num_nan} with only inf), "
-            f"first at row {bad[0]}; drop them before voxelizing"
+            f"points contain {bad.size} non-finite rows ({num_nan} with NaN, "
+            f"{bad.size - num_nan} with only inf), first at row {bad[0]}; drop them before voxelizing"
         )
     return points
 
@@ -207,14 +209,16 @@ def _float32_range_and_size(grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray, np
 def _cell_indices(points: np.ndarray, grid: VoxelGrid) -> tuple[np.ndarray, np.ndarray]:
     """Integer (x, y, z) cell of every point and whether it lies inside the grid."""
     lo, _, size = _float32_range_and_size(grid)
-    cell = np.floor((points[:, :3].astype(np.float64) - lo.astype(np.float64)) / size.astype(np.float64))
+    cell = np.floor((points[:, :3] - lo) / size)
     # Compare while still float so far-away points cannot overflow the int cast.
     inside = ((cell >= 0) & (cell < np.asarray(grid.grid_size, dtype=np.float32))).all(axis=1)
     cell = np.where(inside[:, None], cell, 0).astype(np.int64)
     return cell, inside
 
 
-def _voxel_ids_by_first_appearance(cell: np.ndarray, grid_size: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _voxel_ids_by_first_appearance(
+    cell: np.ndarray, grid_size: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Voxel id of each point, voxels numbered by first appearance, and each voxel's first point."""
     nx, ny, _ = grid_size
     key = (cell[:, 2] * ny + cell[:, 1]) * nx + cell[:, 0]

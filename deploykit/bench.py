@@ -1,0 +1,164 @@
+"""Latency measurement: statistics, interleaved comparisons, machine fingerprint."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .artifacts import sha256_file
+from .errors import InputError
+from .progress import console
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    warmup: int
+    iterations: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    throughput_fps: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def latency_stats(seconds: list[float] | np.ndarray, warmup: int) -> LatencyStats:
+    ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise ValueError("no timed iterations")
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    mean = float(ms.mean())
+    return LatencyStats(warmup, int(ms.size), mean, float(p50), float(p90), float(p99),
+                        float(ms.std(ddof=1)) if ms.size > 1 else 0.0, float(ms.min()), float(ms.max()),
+                        1e3 / mean)
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - start
+    return out
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, rounds: int,
+                per_round: int = 1) -> dict[str, np.ndarray]:
+    """Time several callables in alternation so drift on a shared machine
+    (thermal state, other tenants) hits all of them alike; the order rotates
+    each round so none always runs right after another."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = calls[name]
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    return {n: np.asarray(v) for n, v in samples.items()}
+
+
+def ratio_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Median(a) / median(b) with a 95% bootstrap interval."""
+    rng = np.random.default_rng(seed)
+    ratio = float(np.median(a) / np.median(b))
+    ia = rng.integers(0, a.size, (resamples, a.size))
+    ib = rng.integers(0, b.size, (resamples, b.size))
+    boot = np.median(a[ia], axis=1) / np.median(b[ib], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return ratio, float(lo), float(hi)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "memory_gib": mem_gib, "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
+    """Realistic inputs if ``convert`` left them beside the model, else synthetic.
+
+    Synthetic feeds are standard-normal floats and zero integers: right shapes,
+    but sparse ops (pillar scatter) then do less work than on real data, so the
+    source is reported with every result.
+    """
+    sample = model_path.parent / "inputs.npz"
+    if sample.exists():
+        with np.load(sample) as data:
+            feeds = {k: data[k] for k in data.files}
+        if all(s.name in feeds and tuple(feeds[s.name].shape) == s.shape for s in engine.inputs):
+            return {s.name: feeds[s.name] for s in engine.inputs}, str(sample)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in engine.inputs:
+        if any(d < 0 for d in spec.shape):
+            raise InputError(f"input '{spec.name}' has a dynamic shape {list(spec.shape)}; export with static shapes")
+        if spec.dtype.startswith("float"):
+            feeds[spec.name] = rng.standard_normal(spec.shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = np.zeros(spec.shape, dtype=spec.dtype)
+    return feeds, "synthetic"
+
+
+def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str = "function",
+                threads: int | None = None, warmup: int = 10, iterations: int = 50) -> dict[str, Any]:
+    """Benchmark one ONNX model; returns a JSON-ready result."""
+    from .engines import ort as ort_engine
+    from .errors import EngineError
+
+    model_path = Path(model_path)
+    if backend != "ort":
+        raise EngineError(f"backend '{backend}' is not available here; use 'ort'")
+    if not model_path.is_file():
+        raise EngineError(f"model {model_path} does not exist")
+    engine = ort_engine.build(model_path, custom_ops=custom_ops, threads=threads)
+    feeds, source = engine_feeds(model_path, engine)
+    with console().status(f"timing {model_path} ({warmup} warm-up + {iterations} runs)"):
+        seconds = time_calls(lambda: engine.run(feeds), warmup=warmup, iterations=iterations)
+    import onnxruntime
+
+    return {
+        "model": str(model_path),
+        "model_sha256": sha256_file(model_path),
+        "model_bytes": model_path.stat().st_size,
+        "backend": backend,
+        "settings": {"custom_ops": custom_ops, "intra_op_threads": engine.threads, "inter_op_threads": 1,
+                     "execution_mode": "sequential", "graph_optimization": "all"},
+        "inputs": {"source": source, "tensors": [s.to_dict() for s in engine.inputs]},
+        "latency": latency_stats(seconds, warmup).to_dict(),
+        "machine": machine_info(),
+        "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+    }

@@ -1,0 +1,120 @@
+"""The ``deploykit`` command line: thin wrappers over the library.
+
+Each command parses its options and calls one API function; errors the user
+can fix are printed as one message with a documented exit code (README.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import DeployError
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DeployError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="deploykit")
+def main() -> None:
+    """Deploy BEV perception checkpoints: convert, quantize, benchmark, gate.
+
+    \b
+    Typical use:
+      deploykit convert --recipe centerpoint_pillar_nus --checkpoint ckpt.pth --out build/cp
+      deploykit bench build/cp/model.onnx --json build/cp/bench.json
+    """
+
+
+@main.command()
+@click.option("--recipe", "-r", required=True, help="Recipe name (see `deploykit recipes`) or path to a .toml.")
+@click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path),
+              help="PyTorch (.pth, mmdet3d/mmcv or raw state dict) or .safetensors checkpoint. "
+                   "Default: the recipe's bundled checkpoint.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory; must not exist unless --overwrite.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--passes", help="Comma-separated rewrite passes instead of the recipe's list.")
+@click.option("--no-passes", is_flag=True, help="Export the original model without rewrites (for comparison).")
+@click.option("--custom-ops", type=click.Choice(["function", "inline", "ortx"]), default="function",
+              show_default=True, help="How ONNX Runtime runs deploykit's custom nodes during the check.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@handle_errors
+def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, quiet):
+    """Rewrite, export to static ONNX and check against PyTorch.
+
+    Writes OUT/model.onnx, weights.safetensors, inputs.npz, check.json and manifest.json.
+    """
+    from .export import convert as run_convert
+
+    if passes and no_passes:
+        raise click.UsageError("--passes and --no-passes exclude each other")
+    chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
+    result = run_convert(recipe, out, checkpoint=checkpoint, passes=chosen, overwrite=overwrite,
+                         custom_ops=custom_ops, quiet=quiet)
+    eng = result.check["onnxruntime"]
+    click.echo(f"wrote {result.out_dir}/ : ONNX Runtime vs PyTorch worst relative error "
+               f"{eng['worst_rel_error']:.1e}, min cosine {eng['min_cosine']:.7f}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True,
+              help="Inference backend (TensorRT where installed, in a later release).")
+@click.option("--custom-ops", type=click.Choice(["function", "inline", "ortx"]), default="function",
+              show_default=True, help="How ONNX Runtime runs deploykit's custom nodes.")
+@click.option("--threads", type=int, help="Intra-op threads (default: all cores available to this process).")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--iterations", "-n", type=int, default=50, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the results as JSON.")
+@handle_errors
+def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
+    """Measure latency of one or more ONNX models.
+
+    Uses the inputs.npz that `deploykit convert` wrote beside a model, else synthetic inputs.
+    """
+    from .artifacts import write_json
+    from .bench import bench_model
+    from rich.console import Console
+
+    from .report import latency_table
+
+    if warmup < 0 or iterations < 1:
+        raise click.BadParameter("--warmup must be >= 0 and --iterations >= 1")
+    results = [bench_model(m, backend=backend, custom_ops=custom_ops, threads=threads,
+                           warmup=warmup, iterations=iterations) for m in models]
+    Console(width=max(Console().width, 120)).print(latency_table(results))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_path, {"results": results})
+        click.echo(f"wrote {json_path}")
+
+
+@main.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from .recipe import RECIPES_DIR, load_recipe
+
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        r = load_recipe(path)
+        click.echo(f"{r.name:28s} {r.description}")
+
+
+if __name__ == "__main__":
+    main()

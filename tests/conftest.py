@@ -1,0 +1,75 @@
+"""Shared fixtures: the small recipe, its synthetic checkpoint, one conversion.
+
+Session-scoped so the expensive steps (checkpoint generation, ONNX export)
+run once per test run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deploykit.export import convert, load_model
+from deploykit.recipe import load_recipe
+
+SMALL = "centerpoint_pillar_small"
+
+
+@pytest.fixture(scope="session")
+def small_recipe():
+    return load_recipe(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_recipe):
+    model, _, _ = load_model(small_recipe, None)
+    return model
+
+
+@pytest.fixture(scope="session")
+def converted_dir(tmp_path_factory, small_recipe):
+    out = tmp_path_factory.mktemp("convert") / "small"
+    convert(small_recipe, out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def naive_dir(tmp_path_factory, small_recipe):
+    out = tmp_path_factory.mktemp("convert") / "naive"
+    convert(small_recipe, out, passes=[], quiet=True)
+    return out
+
+
+def random_pillars(recipe, num_pillars: int, padded: int, seed: int = 0):
+    """Random decorated pillars (P, N, C) with distinct cells, and padded coords."""
+    g = torch.Generator().manual_seed(seed)
+    v = recipe.model.voxelization
+    nx, ny, _ = v.grid_size
+    x = torch.randn(num_pillars, v.max_points_per_pillar, recipe.model.pillar_channels, generator=g)
+    cells = torch.randperm(nx * ny, generator=g)[:num_pillars]
+    coords = torch.full((num_pillars + padded, 4), -1, dtype=torch.int32)
+    coords[:num_pillars] = 0
+    coords[:num_pillars, 2] = (cells // nx).int()
+    coords[:num_pillars, 3] = (cells % nx).int()
+    padded_x = torch.cat([x, torch.zeros(padded, *x.shape[1:])])
+    return x, coords[:num_pillars], padded_x, coords
+
+
+def to_layout(pnc: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "PNC":
+        return pnc
+    if layout == "CPN":
+        return pnc.permute(2, 0, 1).unsqueeze(0).contiguous()
+    if layout == "CNP":
+        return pnc.permute(2, 1, 0).unsqueeze(0).contiguous()
+    raise ValueError(layout)
+
+
+def run(model, pillars, coords):
+    with torch.no_grad():
+        return [o.numpy() for o in model(pillars, coords)]
+
+
+def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
+    return max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(ref, out))

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from deploykit.bench import engine_feeds, interleaved, latency_stats, ratio_interval
+
+
+def test_latency_stats_on_known_samples():
+    seconds = np.arange(1, 101) / 1000.0  # 1..100 ms
+    s = latency_stats(seconds, warmup=5)
+    assert s.iterations == 100 and s.warmup == 5
+    assert s.mean_ms == pytest.approx(50.5)
+    assert s.p50_ms == pytest.approx(50.5)
+    assert s.p90_ms == pytest.approx(90.1)
+    assert s.p99_ms == pytest.approx(99.01)
+    assert s.min_ms == pytest.approx(1.0) and s.max_ms == pytest.approx(100.0)
+    assert s.std_ms == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+    assert s.throughput_fps == pytest.approx(1000 / 50.5)
+    with pytest.raises(ValueError):
+        latency_stats([], warmup=0)
+
+
+def test_interleaved_rotates_order_and_counts():
+    order = []
+    calls = {name: (lambda n=name: order.append(n)) for name in "abc"}
+    samples = interleaved(calls, warmup=1, rounds=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    timed = order[3:]
+    assert timed == list("abc") + list("bca") + list("cab")
+
+
+def test_ratio_interval_brackets_the_truth():
+    rng = np.random.default_rng(0)
+    a = 1.2 * (1 + 0.05 * rng.standard_normal(200))
+    b = 1.0 * (1 + 0.05 * rng.standard_normal(200))
+    ratio, lo, hi = ratio_interval(a, b)
+    assert lo < 1.2 < hi and lo < ratio < hi and hi - lo < 0.1
+
+
+def test_synthetic_feeds_when_no_sample(tmp_path):
+    from deploykit.engines import TensorSpec
+
+    class Fake:
+        inputs = [TensorSpec("x", (2, 3), "float32"), TensorSpec("i", (4,), "int32")]
+
+    feeds, source = engine_feeds(tmp_path / "model.onnx", Fake())
+    assert source == "synthetic"
+    assert feeds["x"].shape == (2, 3) and feeds["x"].dtype == np.float32
+    assert feeds["i"].dtype == np.int32 and not feeds["i"].any()
