@@ -63,6 +63,10 @@ def torch_outputs(model: torch.nn.Module, pillars: np.ndarray, coords: np.ndarra
 
 
 def export_onnx(model: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    # The exporter restores the module's train/eval mode afterwards, recursively:
+    # a wrapper left in train mode would flip shared submodules' BatchNorms to
+    # batch statistics. Deployment graphs are always eval graphs.
+    model.eval()
     args = tuple(torch.from_numpy(feeds[name]) for name in model.input_names)
     with warnings.catch_warnings():
         # The TorchScript exporter warns about its own deprecation and about

@@ -114,3 +114,21 @@ def test_inputs_npz_feeds_the_engine(converted_dir):
         outs = engine.run({k: data[k] for k in data.files})
     assert set(outs) == {o.name for o in engine.outputs}
     assert all(np.isfinite(v).all() for v in outs.values())
+
+
+def test_export_of_a_wrapper_leaves_shared_modules_in_eval_mode(small_recipe, small_model, tmp_path):
+    from deploykit.export import export_onnx
+    from tests.conftest import random_pillars
+
+    class Wrapper(torch.nn.Module):  # fresh modules start in train mode
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.input_names, self.output_names = inner.input_names, inner.output_names
+
+        def forward(self, pillars, coords):
+            return self.inner(pillars, coords)
+
+    _, _, xp, coords = random_pillars(small_recipe, 20, 5)
+    export_onnx(Wrapper(small_model), {"pillars": xp.numpy(), "coords": coords.numpy()}, tmp_path / "w.onnx", 17)
+    assert not any(m.training for m in small_model.modules())

@@ -1,0 +1,180 @@
+"""ONNX Runtime CPU latency of the LiDAR rewrites, measured side by side.
+
+For each recipe, from one checkpoint:
+  * the whole model exported without rewrites vs with each pass added in turn;
+  * the pillar stage alone (PFN + scatter), where the rewrites act, the same way;
+  * how ONNX Runtime runs the PillarScatter node: model-local function,
+    inlined standard ops, or onnxruntime-extensions' Python kernel.
+All variants of one table are timed interleaved in one process (see
+deploykit.bench.interleaved) and reported as ratios of medians with 95%
+bootstrap intervals. Writes benchmarks/results/lidar_rewrites.{md,json,png}.
+
+    python benchmarks/bench_lidar_rewrites.py [--recipes a,b] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deploykit.artifacts import write_json  # noqa: E402
+from deploykit.bench import interleaved, machine_info, ratio_interval  # noqa: E402
+from deploykit.engines.ort import build, default_threads  # noqa: E402
+from deploykit.export import export_onnx, load_model, simplify, torch_outputs  # noqa: E402
+from deploykit.passes import apply_passes  # noqa: E402
+from deploykit.preprocess.pillar_inputs import sample_inputs  # noqa: E402
+from deploykit.recipe import load_recipe  # noqa: E402
+from deploykit.report import markdown_table  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_ROUNDS = {"centerpoint_pillar_small": 60, "centerpoint_pillar_nus": 12}
+SAMPLE_SEED = 2000
+
+
+class PillarStage(nn.Module):
+    """Only the part the rewrites touch: pillar encoder + scatter."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.pts_voxel_encoder, self.pts_middle_encoder = model.pts_voxel_encoder, model.pts_middle_encoder
+        self.input_layout, self.input_names, self.output_names = model.input_layout, model.input_names, ["canvas"]
+        self.eval()
+
+    def forward(self, pillars, coords):
+        return (self.pts_middle_encoder(self.pts_voxel_encoder(pillars), coords),)
+
+
+def export(model, recipe, workdir: Path, name: str):
+    sample = sample_inputs(recipe.model, SAMPLE_SEED, model.input_layout)
+    path = workdir / f"{name}.onnx"
+    export_onnx(model, sample.feeds, path, recipe.convert.opset)
+    simplify(path)
+    return path, sample
+
+
+def timed_table(variants: dict, baseline: str, rounds: int, threads: int) -> list[dict]:
+    """variants: name -> (path, feeds, custom_ops). Ratio = variant / baseline."""
+    engines = {n: (build(p, custom_ops=mode, threads=threads), feeds) for n, (p, feeds, mode) in variants.items()}
+    calls = {n: (lambda e=e, f=f: e.run(f)) for n, (e, f) in engines.items()}
+    samples = interleaved(calls, warmup=3, rounds=rounds)
+    rows = []
+    for name, s in samples.items():
+        ratio, lo, hi = ratio_interval(s, samples[baseline])
+        rows.append({"variant": name, "median_ms": float(np.median(s) * 1e3), "p90_ms": float(np.percentile(s, 90) * 1e3),
+                     "ratio_to_baseline": ratio, "ratio_ci95": [lo, hi], "runs": int(s.size)})
+    return rows
+
+
+def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
+    recipe = load_recipe(name)
+    original, _, _ = load_model(recipe, None)
+    passes = list(recipe.convert.passes)
+    whole, stage = {}, {}
+    for k in range(len(passes) + 1):
+        label = "no rewrites" if k == 0 else f"+ {passes[k - 1]}"
+        model = apply_passes(original, passes[:k]).eval()
+        path, sample = export(model, recipe, workdir, f"{name}-{k}")
+        whole[label] = (path, sample.feeds, "function")
+        path, _ = export(PillarStage(model), recipe, workdir, f"{name}-{k}-stage")
+        stage[label] = (path, sample.feeds, "function")
+        if k == len(passes):
+            ref = torch_outputs(original, sample.pillars_pnc, sample.coords)
+            out = build(whole[label][0]).run(sample.feeds)
+            worst = max(float(np.abs(ref[o] - out[o]).max() / np.abs(ref[o]).max()) for o in ref)
+    converted = whole[f"+ {passes[-1]}"]
+    scatter = {f"PillarScatter as {mode}": (converted[0], converted[1], mode) for mode in ("function", "inline", "ortx")}
+    print(f"{name}: timing {len(whole)} whole-model variants x {rounds} rounds", flush=True)
+    return {
+        "recipe": name,
+        "pillars_in_sample": int(sample_inputs(recipe.model, SAMPLE_SEED, "PNC").num_pillars),
+        "input_shape": list(converted[1]["pillars"].shape),
+        "converted_vs_original_max_rel_error": worst,
+        "whole_model": timed_table(whole, "no rewrites", rounds, threads),
+        "pillar_stage": timed_table(stage, "no rewrites", rounds * 3, threads),
+        "scatter_impl": timed_table(scatter, "PillarScatter as function", rounds, threads),
+    }
+
+
+def to_markdown(report: dict) -> str:
+    m = report["machine"]
+    out = [
+        "# LiDAR rewrites on ONNX Runtime (CPU)",
+        "",
+        f"Measured {report['date']} by `benchmarks/bench_lidar_rewrites.py` on {m['cpu']}, "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; ONNX Runtime {report['versions']['onnxruntime']}, "
+        f"torch {report['versions']['torch']}, {report['threads']} intra-op threads, sequential execution. "
+        "Variants of one table ran interleaved in one process; ratio = median latency / median of the "
+        "first row, with a 95% bootstrap interval. Inputs: a synthetic 32-beam sweep voxelized on the host.",
+        "",
+    ]
+    for r in report["recipes"]:
+        out += [f"## {r['recipe']} (pillars input {r['input_shape']}, {r['pillars_in_sample']} non-empty)", "",
+                f"Converted model vs original PyTorch: max relative error {r['converted_vs_original_max_rel_error']:.1e}.", ""]
+        for key, title in (("whole_model", "Whole model, passes added in turn"),
+                           ("pillar_stage", "Pillar stage only (PFN + scatter)"),
+                           ("scatter_impl", "How ORT runs the PillarScatter node (whole converted model)")):
+            out += [f"### {title}", ""]
+            rows = [[x["variant"], f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}",
+                     f"{x['ratio_to_baseline']:.3f}", f"{x['ratio_ci95'][0]:.3f}-{x['ratio_ci95'][1]:.3f}", x["runs"]]
+                    for x in r[key]]
+            out += [markdown_table(["variant", "median ms", "p90 ms", "ratio", "95% CI", "runs"], rows), ""]
+    out += ["![latency ratios](lidar_rewrites.png)", ""]
+    return "\n".join(out)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = report["recipes"]
+    fig, axes = plt.subplots(len(recipes), 2, figsize=(12, 3.2 * len(recipes)), squeeze=False)
+    for row, r in zip(axes, recipes):
+        for ax, key in zip(row, ("whole_model", "pillar_stage")):
+            names = [x["variant"] for x in r[key]]
+            speedup = [1 / x["ratio_to_baseline"] for x in r[key]]
+            ax.barh(names[::-1], speedup[::-1], color="#4878a8")
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_title(f"{r['recipe']}: {key.replace('_', ' ')}", fontsize=9)
+            ax.set_xlabel("speed-up vs no rewrites (x)")
+            for i, v in enumerate(speedup[::-1]):
+                ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", default="centerpoint_pillar_small,centerpoint_pillar_nus")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per table (default per recipe)")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import onnxruntime
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipes = [bench_recipe(n, args.rounds or DEFAULT_ROUNDS.get(n, 20), args.threads, Path(tmp))
+                   for n in args.recipes.split(",")]
+    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
+              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}, "recipes": recipes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "lidar_rewrites.json", report)
+    plot(report, args.out / "lidar_rewrites.png")
+    (args.out / "lidar_rewrites.md").write_text(to_markdown(report))
+    print((args.out / "lidar_rewrites.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
