@@ -179,8 +179,9 @@ def format_key_report(report: KeyReport, state: dict, *, source: str, recipe: st
             f"{report.matched}/{total} keys match, {len(report.missing)} missing, "
             f"{len(report.unexpected)} unexpected, {len(report.mismatched)} with another shape")
     if report.matched == 0:
+        # Another model entirely: listing its keys would only bury the point.
         layout = guess_layout(set(state))
-        head += f"; it looks like {layout}" if layout else "; it looks like another model"
+        return head + (f"; it looks like {layout}" if layout else "; it looks like another model")
     lines = [head]
     for title, items in (("missing", report.missing), ("unexpected", report.unexpected)):
         if items:

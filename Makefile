@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with only Python 3.11:
+#   make demo   convert + benchmark the bundled nuScenes CenterPoint-PointPillars
+#   make test   run the test suite
+# Both create .venv and install what they need (torch pinned to the CPU wheel).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= centerpoint_pillar_nus
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/deploykit convert --recipe $(DEMO) --out build/demo/$(DEMO) --overwrite
+	$(VENV)/bin/deploykit bench build/demo/$(DEMO)/model.onnx --warmup 3 --iterations 20 \
+		--json build/demo/$(DEMO)/bench.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_lidar_rewrites.py
+
+clean:
+	rm -rf build .cache
