@@ -29,10 +29,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     one is complete.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output directory {target} already exists; choose another --out or pass --overwrite"
-        )
+    ensure_writable(target, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     umask = os.umask(0)
@@ -52,6 +49,14 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def ensure_writable(target: Path, *, overwrite: bool) -> None:
+    """Fail early, before any expensive work, if ``target`` may not be written."""
+    if target.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output directory {target} already exists; choose another --out or pass --overwrite"
+        )
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

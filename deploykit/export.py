@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from . import __version__
-from .artifacts import atomic_directory, sha256_file, write_json
+from .artifacts import atomic_directory, ensure_writable, sha256_file, write_json
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
 from .errors import CheckFailedError, ExportError
@@ -116,10 +116,7 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     passes = list(recipe.convert.passes if passes is None else passes)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before any expensive work
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(f"output directory {out_dir} already exists; choose another --out or pass --overwrite")
+    ensure_writable(out_dir, overwrite=overwrite)
     steps = Steps(6, quiet=quiet)
 
     with steps.step(f"load {recipe.name} checkpoint"):
@@ -165,16 +162,14 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
 
 
 def _agreements(references: list[dict], candidates: list[dict]) -> list[OutputAgreement]:
-    """Worst case over samples, per output."""
-    worst: dict[str, OutputAgreement] = {}
+    """Per output, the worst figures over all samples."""
+    per_output: dict[str, list[OutputAgreement]] = {}
     for ref, cand in zip(references, candidates):
         for a in compare_outputs(ref, cand):
-            w = worst.get(a.name)
-            if w is None or a.max_rel_error > w.max_rel_error or a.cosine < w.cosine:
-                worst[a.name] = OutputAgreement(
-                    a.name, max(a.max_abs_error, w.max_abs_error if w else 0.0),
-                    max(a.max_rel_error, w.max_rel_error if w else 0.0), min(a.cosine, w.cosine if w else 1.0))
-    return list(worst.values())
+            per_output.setdefault(a.name, []).append(a)
+    return [OutputAgreement(name, max(a.max_abs_error for a in items), max(a.max_rel_error for a in items),
+                            min(a.cosine for a in items))
+            for name, items in per_output.items()]
 
 
 def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[PillarInputs], custom_ops: str) -> dict:

@@ -53,8 +53,11 @@ def write_synthetic_checkpoint(recipe: Recipe, seed: int, path: Path) -> Path:
     payload = {"meta": {"recipe": recipe.name, "seed": seed, "synthetic": True}, "state_dict": state}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
