@@ -98,9 +98,10 @@ def _torch_load(path: Path) -> Any:
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return (f"checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint "
-            f"({detail[:160]})")
+    text = str(exc).strip()
+    # The library's first sentence names the problem; the rest is advice for its own developers.
+    detail = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
+    return f"checkpoint {path} cannot be read: it is truncated or not a PyTorch checkpoint ({detail[:160]})"
 
 
 def extract_state_dict(obj: Any, source: Path | str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict]:
