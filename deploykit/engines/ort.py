@@ -59,10 +59,15 @@ def prepare(model: onnx.ModelProto, custom_ops: str = "function") -> onnx.ModelP
         _set_opset(model, ORTX_DOMAIN, 1)
         return model
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    present = {(f.domain, f.name) for f in model.functions}
-    for op_type in sorted({n.op_type for n in nodes}):
-        if (DOMAIN, op_type) not in present:
-            model.functions.append(CUSTOM_OPS[op_type].onnx_function(opset))
+    # Specialised functions read their input shapes from the graph.
+    model = onnx.shape_inference.infer_shapes(model)
+    present = {f.name for f in model.functions if f.domain == DOMAIN}
+    for node in custom_nodes(model):
+        function = CUSTOM_OPS[node.op_type].function_for(node, model.graph, opset)
+        node.op_type = function.name
+        if function.name not in present:
+            model.functions.append(function)
+            present.add(function.name)
     _set_opset(model, DOMAIN, OPSET_VERSION)
     if custom_ops == "inline":
         model = onnx.inliner.inline_local_functions(model)

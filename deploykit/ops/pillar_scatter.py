@@ -125,6 +125,11 @@ def onnx_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def function_for(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> onnx.FunctionProto:  # noqa: ARG001
+    """Shape-generic: one definition serves every PillarScatter node."""
+    return onnx_function(opset)
+
+
 def numpy_kernel(features: np.ndarray, coords: np.ndarray, height: int, width: int) -> np.ndarray:
     channels = features.shape[1]
     y, x = coords[:, 2].astype(np.int64), coords[:, 3].astype(np.int64)
