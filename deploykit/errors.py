@@ -43,3 +43,7 @@ class CheckFailedError(DeployError):
 
 class EngineError(DeployError):
     exit_code = 9
+
+
+class RigError(RecipeError):
+    """A camera rig (calib/rigs/*.json) that cannot serve the recipe."""

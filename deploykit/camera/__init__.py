@@ -1,0 +1,1 @@
+"""Camera rigs and the static BEV-to-camera layouts precomputed from them."""
