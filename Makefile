@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lidar_rewrites.py
+	$(PY) benchmarks/bench_msda.py
 
 clean:
 	rm -rf build .cache
