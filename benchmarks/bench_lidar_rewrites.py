@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deploykit.artifacts import write_json  # noqa: E402
+from deploykit.compare import compare_outputs  # noqa: E402
 from deploykit.bench import interleaved, machine_info, ratio_interval  # noqa: E402
 from deploykit.engines.ort import build, default_threads  # noqa: E402
 from deploykit.export import export_onnx, load_model, simplify, torch_outputs  # noqa: E402
@@ -90,7 +91,7 @@ def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
         if k == len(passes):
             ref = torch_outputs(original, sample.pillars_pnc, sample.coords)
             out = build(whole[label][0]).run(sample.feeds)
-            worst = max(float(np.abs(ref[o] - out[o]).max() / np.abs(ref[o]).max()) for o in ref)
+            worst = max(a.max_rel_error for a in compare_outputs(ref, out))
     converted = whole[f"+ {passes[-1]}"]
     scatter = {f"PillarScatter as {mode}": (converted[0], converted[1], mode) for mode in ("function", "inline", "ortx")}
     print(f"{name}: timing {len(whole)} whole-model variants x {rounds} rounds", flush=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from .engines import CUSTOM_OP_MODES
 from .errors import DeployError
 
 
@@ -51,7 +52,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--passes", help="Comma-separated rewrite passes instead of the recipe's list.")
 @click.option("--no-passes", is_flag=True, help="Export the original model without rewrites (for comparison).")
-@click.option("--custom-ops", type=click.Choice(["function", "inline", "ortx"]), default="function",
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function",
               show_default=True, help="How ONNX Runtime runs deploykit's custom nodes during the check.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
@@ -76,7 +77,7 @@ def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, q
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["ort"]), default="ort", show_default=True,
               help="Inference backend (TensorRT where installed, in a later release).")
-@click.option("--custom-ops", type=click.Choice(["function", "inline", "ortx"]), default="function",
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function",
               show_default=True, help="How ONNX Runtime runs deploykit's custom nodes.")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores available to this process).")
 @click.option("--warmup", type=int, default=10, show_default=True)

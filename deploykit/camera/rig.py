@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RigError
+from ..recipe import REPO_ROOT
 
-RIGS_DIR = Path(__file__).resolve().parents[2] / "calib" / "rigs"
+RIGS_DIR = REPO_ROOT / "calib" / "rigs"
 
 
 @dataclass(frozen=True)

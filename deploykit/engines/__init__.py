@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# How ONNX Runtime runs deploykit's custom nodes; see engines/ort.py. Kept here,
+# free of heavy imports, so the CLI can offer the choice without loading torch.
+CUSTOM_OP_MODES = ("function", "inline", "ortx")
+
 
 @dataclass(frozen=True)
 class TensorSpec:

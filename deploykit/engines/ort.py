@@ -25,9 +25,8 @@ import onnx.inliner
 
 from ..errors import EngineError, InputError
 from ..ops import CUSTOM_OPS, DOMAIN, OPSET_VERSION
-from . import TensorSpec
+from . import CUSTOM_OP_MODES, TensorSpec
 
-CUSTOM_OP_MODES = ("function", "inline", "ortx")
 ORTX_DOMAIN = "ai.onnx.contrib"
 
 _ORT_TYPES = {
