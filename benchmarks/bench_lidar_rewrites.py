@@ -31,7 +31,8 @@ from deploykit.artifacts import write_json  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
 from deploykit.bench import interleaved, machine_info, ratio_interval  # noqa: E402
 from deploykit.engines.ort import build, default_threads  # noqa: E402
-from deploykit.export import export_onnx, load_model, simplify, torch_outputs  # noqa: E402
+from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
+from deploykit.samples import torch_outputs  # noqa: E402
 from deploykit.passes import apply_passes  # noqa: E402
 from deploykit.preprocess.pillar_inputs import sample_inputs  # noqa: E402
 from deploykit.recipe import load_recipe  # noqa: E402
@@ -89,7 +90,7 @@ def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
         path, _ = export(PillarStage(model), recipe, workdir, f"{name}-{k}-stage")
         stage[label] = (path, sample.feeds, "function")
         if k == len(passes):
-            ref = torch_outputs(original, sample.pillars_pnc, sample.coords)
+            ref = torch_outputs(original, {"pillars": sample.pillars_pnc, "coords": sample.coords})
             out = build(whole[label][0]).run(sample.feeds)
             worst = max(a.max_rel_error for a in compare_outputs(ref, out))
     converted = whole[f"+ {passes[-1]}"]

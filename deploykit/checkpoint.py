@@ -191,7 +191,26 @@ def format_key_report(report: KeyReport, state: dict, *, source: str, recipe: st
             lines.append(f"  {title}: {shown}{more}")
     for key, got, want in report.mismatched[:MAX_LISTED]:
         lines.append(f"  shape: {key} is {list(got)} in the checkpoint, the recipe builds {list(want)}")
-    if report.mismatched and report.matched:
+    hints = [h for key, got, _ in report.mismatched if (h := _size_hint(key, got))]
+    lines += [f"  {h}" for h in dict.fromkeys(hints)]
+    if report.mismatched and report.matched and not hints:
         lines.append("  a shape mismatch usually means the recipe's sizes differ from the training config "
                      "(channels, classes per task, point features, decoration flags)")
     return "\n".join(lines)
+
+
+# Keys whose shape states one recipe field directly: (key suffix, dim, field).
+_SIZE_KEYS = (
+    ("positional_encoding.row_embed.weight", 0, "bev_h"),
+    ("positional_encoding.col_embed.weight", 0, "bev_w"),
+    ("query_embedding.weight", 0, "num_query"),
+    ("transformer.cams_embeds", 0, "num_cams"),
+    ("transformer.encoder.layers.0.norms.0.weight", 0, "embed_dims"),
+)
+
+
+def _size_hint(key: str, got: tuple) -> str | None:
+    for suffix, dim, name in _SIZE_KEYS:
+        if key.endswith(suffix):
+            return f"the checkpoint was trained with {name} = {got[dim]}: set [model] {name} = {got[dim]} in the recipe"
+    return None

@@ -8,14 +8,17 @@ Writes ``OUT/`` atomically (see deploykit.artifacts):
     check.json            ONNX Runtime vs the original PyTorch model, per output
     manifest.json         recipe, checkpoint sha256, passes, shapes, versions, timings
 
-The numeric check compares the engine on padded static inputs with the
-*original* model (before any pass) on the unpadded pillars, so it proves the
-rewrites, the padding and the export together.
+The numeric check compares the engine on its static inputs with the
+*original* model (before any pass) on the original inputs (for pillar models
+the unpadded pillars), so it proves the rewrites, the padding and the export
+together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import platform
 import warnings
 from dataclasses import dataclass
@@ -31,11 +34,12 @@ from .artifacts import atomic_directory, ensure_writable, sha256_file, write_jso
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
 from .errors import CheckFailedError, ExportError
-from .models import build_model
+from .models import build_model, make_sample
 from .passes import apply_passes
-from .preprocess.pillar_inputs import PillarInputs, sample_inputs
+from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
 from .progress import Steps
 from .recipe import Recipe, load_recipe
+from .samples import Sample, torch_outputs
 from .synthetic_checkpoint import default_checkpoint
 
 CHECK_SEED = 1000  # sample scenes for the check; distinct from calibration seeds
@@ -54,12 +58,6 @@ def load_model(recipe: Recipe, checkpoint: str | Path | None) -> tuple[torch.nn.
     model = build_model(recipe)
     load_state_dict(model, state, source=str(path), recipe=recipe.name)
     return model.eval(), path, meta
-
-
-def torch_outputs(model: torch.nn.Module, pillars: np.ndarray, coords: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        outs = model(torch.from_numpy(pillars), torch.from_numpy(coords))
-    return {name: t.numpy() for name, t in zip(model.output_names, outs)}
 
 
 def export_onnx(model: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
@@ -86,10 +84,33 @@ def simplify(path: Path) -> None:
 
     model = onnx.load(str(path))
     try:
-        simplified, _ = onnxsim.simplify(model)
+        # onnxsim's C++ core prints a line for every node it declines to fold
+        # (custom-domain nodes and everything downstream of them); harmless, and
+        # hundreds of lines for a transformer, so it is kept off the terminal.
+        with _native_output_silenced():
+            simplified, _ = onnxsim.simplify(model)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"onnxsim could not simplify the model: {str(exc).splitlines()[0][:300]}") from None
     onnx.save(simplified, str(path))
+
+
+@contextlib.contextmanager
+def _native_output_silenced():
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def static_shape_problems(model: onnx.ModelProto) -> list[str]:
@@ -123,11 +144,9 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
         original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
     with steps.step(f"apply {len(passes)} rewrite passes, run PyTorch reference"):
         model = apply_passes(original, passes).eval()
-        samples = [sample_inputs(recipe.model, CHECK_SEED + i, model.input_layout)
-                   for i in range(recipe.check.samples)]
-        references = [torch_outputs(original, s.pillars_pnc, s.coords) for s in samples]
-        torch_check = _agreements(references, [torch_outputs(model, s.feeds["pillars"], s.feeds["coords"])
-                                               for s in samples])
+        samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
+        references = [torch_outputs(original, s.reference) for s in samples]
+        torch_check = _agreements(references, [torch_outputs(model, s.feeds) for s in samples])
     with atomic_directory(out_dir, overwrite=overwrite) as scratch:
         onnx_path = scratch / "model.onnx"
         with steps.step(f"export ONNX (opset {recipe.convert.opset})"):
@@ -149,16 +168,27 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                 raise CheckFailedError(
                     f"{worst.name} differs from PyTorch by {worst.max_rel_error:.2e} relative "
                     f"(cosine {worst.cosine:.6f}); the recipe allows {recipe.check.max_rel_error:.0e}"
+                    + _cap_hint(model)
                 )
         with steps.step("write weights, sample inputs and manifest"):
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(scratch / "weights.safetensors"))
             np.savez(scratch / "inputs.npz", **samples[0].feeds)
-            manifest = _manifest(recipe, ckpt_path, ckpt_meta, passes, exported, model.input_layout,
-                                 samples[0], steps.timings, custom_ops)
+            manifest = _manifest(recipe, model, ckpt_path, ckpt_meta, passes, exported, samples[0], steps.timings,
+                                 custom_ops)
             write_json(scratch / "manifest.json", manifest)
     return ConvertResult(out_dir, manifest, check)
+
+
+def _cap_hint(model) -> str:
+    cov = virtual_bev_coverage(model)
+    if not cov or cov["hits_kept"] == cov["camera_pillar_hits"]:
+        return ""
+    dropped = cov["camera_pillar_hits"] - cov["hits_kept"]
+    return (f". The virtual-BEV cap drops {dropped} of {cov['camera_pillar_hits']} camera-pillar pairs "
+            f"({cov['pillars_losing_a_camera']} pillars lose a camera), which changes the BEV by design: "
+            "raise [model.virtual_bev] max_numcam_overlap, or relax [check] if the deviation is acceptable")
 
 
 def _agreements(references: list[dict], candidates: list[dict]) -> list[OutputAgreement]:
@@ -172,7 +202,7 @@ def _agreements(references: list[dict], candidates: list[dict]) -> list[OutputAg
             for name, items in per_output.items()]
 
 
-def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[PillarInputs], custom_ops: str) -> dict:
+def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[Sample], custom_ops: str) -> dict:
     tol = recipe.check
 
     def block(items):
@@ -183,17 +213,18 @@ def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[PillarIn
 
     rewritten, engine = block(torch_check), block(ort_check)
     return {
-        "reference": "original PyTorch model (no passes) on unpadded pillars",
+        "reference": "original PyTorch model (no passes) on its own inputs (e.g. unpadded pillars)",
         "tolerance": {"max_rel_error": tol.max_rel_error, "min_cosine": tol.min_cosine},
-        "samples": [{"seed": CHECK_SEED + i, "pillars": s.num_pillars} for i, s in enumerate(samples)],
+        "samples": [s.info for s in samples],
         "rewritten_pytorch": rewritten,
         "onnxruntime": {**engine, "custom_ops": custom_ops},
         "passed": rewritten["passed"] and engine["passed"],
     }
 
 
-def _manifest(recipe, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.ModelProto, layout: str,
-              sample: PillarInputs, timings: dict, custom_ops: str) -> dict:
+def _manifest(recipe, model, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.ModelProto,
+              sample: Sample, timings: dict, custom_ops: str) -> dict:
+    layout = getattr(model, "input_layout", None)
     import onnxruntime
     import onnxsim
 
@@ -217,8 +248,9 @@ def _manifest(recipe, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.M
         "inputs": [{**spec, **({"layout": layout} if spec["name"] == "pillars" else {})}
                    for spec in tensor_specs(exported, exported.graph.input)],
         "outputs": tensor_specs(exported, exported.graph.output),
-        "sample": {"file": "inputs.npz", "seed": CHECK_SEED, "pillars": sample.num_pillars},
+        "sample": {"file": "inputs.npz", **sample.info},
         "engine_check": {"backend": "onnxruntime", "custom_ops": custom_ops, "file": "check.json"},
+        **({"virtual_bev": cov} if (cov := virtual_bev_coverage(model)) else {}),
         "timings_s": timings,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "onnxsim": onnxsim.__version__,

@@ -2,9 +2,10 @@
 
 No real checkpoint can ship with the repository, yet ``make demo`` and the
 tests need one that behaves like trained weights: random convolutions with
-batch-norm statistics measured on synthetic LiDAR sweeps (so activations have
+batch-norm statistics measured on synthetic inputs (LiDAR sweeps, camera frames) (so activations have
 realistic ranges and BN folding is exercised with non-trivial values), and the
-CenterHead heatmap bias mmdet3d initialises to -2.19. The file is written as
+architecture's own initial structure (CenterHead's heatmap bias of -2.19,
+BEVFormer's deformable-attention offset rings). The file is written as
 mmcv does (``{"meta": ..., "state_dict": ...}``) so the real loading path runs.
 
     python -m deploykit.synthetic_checkpoint --recipe centerpoint_pillar_small --out ckpt.pth
@@ -22,12 +23,11 @@ from torch import nn
 from .recipe import REPO_ROOT, Recipe, load_recipe
 
 CACHE_DIR = REPO_ROOT / ".cache" / "checkpoints"
-CALIBRATION_SWEEPS = 2
+CALIBRATION_SAMPLES = 2
 
 
 def synthetic_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
-    from .models import build_model
-    from .preprocess.pillar_inputs import sample_inputs
+    from .models import ARCHITECTURES, build_model, make_sample
 
     torch.manual_seed(seed)
     model = build_model(recipe)
@@ -37,14 +37,13 @@ def synthetic_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
             module.weight.data = 0.5 + torch.rand(module.num_features, generator=gen)
             module.bias.data = 0.1 * torch.randn(module.num_features, generator=gen)
             module.reset_running_stats()
-            module.momentum = None  # cumulative average over the calibration sweeps
-    for task in model.pts_bbox_head.task_heads:
-        task.heatmap[-1].bias.data.fill_(recipe.model.head.init_bias)
+            module.momentum = None  # cumulative average over the calibration samples
+    ARCHITECTURES[recipe.arch].synthetic_init(model, recipe.model, gen)
     model.train()
     with torch.no_grad():
-        for i in range(CALIBRATION_SWEEPS):
-            sample = sample_inputs(recipe.model, seed=10_000 + seed * 100 + i, layout="PNC")
-            model(torch.from_numpy(sample.pillars_pnc), torch.from_numpy(sample.coords))
+        for i in range(CALIBRATION_SAMPLES):
+            sample = make_sample(recipe, seed=10_000 + seed * 100 + i, model=model)
+            model(*(torch.from_numpy(sample.reference[n]) for n in model.input_names))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

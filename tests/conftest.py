@@ -73,3 +73,32 @@ def run(model, pillars, coords):
 
 def max_rel_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     return max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(ref, out))
+
+
+BEV_SMALL = "bevformer_small"
+
+
+@pytest.fixture(scope="session")
+def bev_recipe():
+    return load_recipe(BEV_SMALL)
+
+
+@pytest.fixture(scope="session")
+def bev_model(bev_recipe):
+    model, _, _ = load_model(bev_recipe, None)
+    return model
+
+
+@pytest.fixture(scope="session")
+def bev_samples(bev_recipe, bev_model):
+    """A scene's first frame and a later frame (prev BEV, ego motion)."""
+    from deploykit.models import make_sample
+
+    return [make_sample(bev_recipe, seed, bev_model) for seed in (20, 21)]
+
+
+@pytest.fixture(scope="session")
+def bev_converted_dir(tmp_path_factory, bev_recipe):
+    out = tmp_path_factory.mktemp("convert") / "bevformer_small"
+    convert(bev_recipe, out, quiet=True)
+    return out

@@ -132,3 +132,22 @@ def test_export_of_a_wrapper_leaves_shared_modules_in_eval_mode(small_recipe, sm
     _, _, xp, coords = random_pillars(small_recipe, 20, 5)
     export_onnx(Wrapper(small_model), {"pillars": xp.numpy(), "coords": coords.numpy()}, tmp_path / "w.onnx", 17)
     assert not any(m.training for m in small_model.modules())
+
+
+def test_bevformer_convert_writes_a_checked_static_engine(bev_converted_dir, bev_recipe):
+    import json
+
+    import onnx
+
+    manifest = json.loads((bev_converted_dir / "manifest.json").read_text())
+    check = json.loads((bev_converted_dir / "check.json").read_text())
+    assert check["passed"] and check["onnxruntime"]["worst_rel_error"] <= bev_recipe.check.max_rel_error
+    assert [s["first_frame"] for s in check["samples"]] == [True, False]
+    cfg = bev_recipe.model
+    assert manifest["onnx"]["custom_ops"] == [{"domain": "deploykit", "op_type": "MultiScaleDeformableAttn",
+                                               "count": 2 * cfg.encoder_layers + cfg.decoder_layers}]
+    assert [i["name"] for i in manifest["inputs"]] == ["img", "can_bus", "shift", "prev_bev", "use_prev_bev"]
+    assert manifest["virtual_bev"]["hits_kept_fraction"] == 1.0
+    graph = onnx.load(str(bev_converted_dir / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"NonZero", "ReduceMean", "GridSample", "ScatterND", "Loop", "If"}

@@ -1,8 +1,9 @@
 """The architectures deploykit can build, in one explicit table.
 
 A recipe's ``[model] arch = "..."`` picks an entry here; the entry says which
-config dataclass validates the rest of the ``[model]`` table and which function
-builds the PyTorch module from it.
+config dataclass validates the rest of the ``[model]`` table, which function
+builds the PyTorch module, how to make a sample of its inputs and how to give
+it realistic stand-in weights.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import centerpoint_pillar
+import torch
+
+from . import bevformer, centerpoint_pillar
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,29 @@ class Architecture:
     # Checkpoint key prefixes that identify this architecture's weights; used
     # to tell a user which model a mismatching checkpoint belongs to.
     key_prefixes: tuple[str, ...]
+    # (config, seed, model) -> deploykit.samples.Sample
+    make_sample: Callable[[Any, int, Any], Any]
+    # (model, config, generator) -> None: architecture-specific stand-in weights
+    synthetic_init: Callable[[Any, Any, torch.Generator], None]
+
+
+def _pillar_sample(cfg, seed, model):
+    from ..preprocess.pillar_inputs import sample_inputs
+    from ..samples import Sample
+
+    s = sample_inputs(cfg, seed, getattr(model, "input_layout", "PNC"))
+    return Sample(s.feeds, {"pillars": s.pillars_pnc, "coords": s.coords}, {"seed": seed, "pillars": s.num_pillars})
+
+
+def _camera_sample(cfg, seed, model):
+    from ..preprocess.camera_inputs import sample_inputs
+
+    return sample_inputs(cfg, seed)
+
+
+def _centerpoint_init(model, cfg, gen):
+    for task in model.pts_bbox_head.task_heads:
+        task.heatmap[-1].bias.data.fill_(cfg.head.init_bias)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -27,9 +53,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         config=centerpoint_pillar.CenterPointPillarConfig,
         build=centerpoint_pillar.CenterPointPillar,
         key_prefixes=("pts_voxel_encoder.", "pts_backbone.", "pts_neck.", "pts_bbox_head."),
+        make_sample=_pillar_sample,
+        synthetic_init=_centerpoint_init,
+    ),
+    "bevformer": Architecture(
+        config=bevformer.BEVFormerConfig,
+        build=bevformer.BEVFormer,
+        key_prefixes=("img_backbone.", "img_neck.", "pts_bbox_head.transformer."),
+        make_sample=_camera_sample,
+        synthetic_init=bevformer.synthetic.synthetic_init,
     ),
 }
 
 
 def build_model(recipe) -> Any:
     return ARCHITECTURES[recipe.arch].build(recipe.model).eval()
+
+
+def make_sample(recipe, seed: int, model=None):
+    return ARCHITECTURES[recipe.arch].make_sample(recipe.model, seed, model)

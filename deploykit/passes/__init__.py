@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..errors import RecipeError
-from . import max_to_maxpool, pfn_linear_to_conv, pillar_scatter_op, pillars_on_w
+from . import max_to_maxpool, msda_op, pfn_linear_to_conv, pillar_scatter_op, pillars_on_w, sca_virtual_bev, tsa_mean_to_conv
 
 Pass = Callable[[nn.Module], nn.Module]
 
@@ -23,6 +23,9 @@ PASSES: dict[str, Pass] = {
     "max_to_maxpool": max_to_maxpool.apply,
     "pillars_on_w": pillars_on_w.apply,
     "pillar_scatter_op": pillar_scatter_op.apply,
+    "tsa_mean_to_conv": tsa_mean_to_conv.apply,
+    "sca_virtual_bev": sca_virtual_bev.apply,
+    "msda_op": msda_op.apply,
 }
 
 

@@ -1,0 +1,1 @@
+"""Temporal state for BEV models: ego-motion alignment and sequence runners."""

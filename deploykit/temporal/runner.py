@@ -1,0 +1,87 @@
+"""Run a temporal BEV engine over a sequence of frames, carrying its state.
+
+BEVFormer's forward_test keeps three things between frames: the previous BEV,
+the previous ego pose and the scene token. This runner keeps the same state on
+the host and builds the engine's static inputs for each frame: the CAN bus
+made relative to the previous frame, the BEV shift, the previous BEV rotated
+into the current heading and the ``use_prev_bev`` switch (0 on a scene's first
+frame). The engine is anything with ``run(feeds) -> {name: array}``: an ONNX
+Runtime engine, or a PyTorch model through :class:`TorchEngine`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..samples import torch_outputs
+from .ego_motion import EgoPose, bev_shift, relative_can_bus, rotate_bev
+
+
+@dataclass
+class Frame:
+    """One time step: normalised images (1, N, 3, H, W), the raw 18-value CAN bus,
+    the scene it belongs to and its index within that scene (0, 1, 2 ...)."""
+
+    img: np.ndarray
+    can_bus: np.ndarray
+    scene: str
+    index: int
+
+
+class TorchEngine:
+    """A PyTorch model behind the engine interface, for references and tests."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return torch_outputs(self.model, feeds)
+
+
+class SequenceRunner:
+    def __init__(self, engine, cfg):
+        self.engine = engine
+        self.cfg = cfg
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the state: the next frame starts cold, whatever its scene."""
+        self.scene: str | None = None
+        self.index: int | None = None
+        self.prev_bev: np.ndarray | None = None
+        self.pose: EgoPose | None = None
+
+    def feeds(self, frame: Frame) -> dict[str, np.ndarray]:
+        """The engine inputs for ``frame`` given the current state (the state is not changed)."""
+        cfg = self.cfg
+        continues = frame.scene == self.scene and self.prev_bev is not None
+        if continues and frame.index != self.index + 1:
+            raise InputError(
+                f"scene {frame.scene}: frame {frame.index} follows frame {self.index}, so the previous BEV it needs "
+                f"(frame {frame.index - 1}) is missing; feed the frames of a scene in order, or call reset() to "
+                f"start this scene cold at frame {frame.index}"
+            )
+        can_bus, _ = relative_can_bus(frame.can_bus, self.pose if continues else None)
+        shift = bev_shift(can_bus, bev_h=cfg.bev_h, bev_w=cfg.bev_w, grid_length=cfg.grid_length)
+        if continues:
+            prev = rotate_bev(self.prev_bev, float(can_bus[-1]), bev_h=cfg.bev_h, bev_w=cfg.bev_w,
+                              center=cfg.rotate_center)
+        else:
+            prev = np.zeros((1, cfg.num_bev_queries, cfg.embed_dims), np.float32)
+        return {"img": np.ascontiguousarray(frame.img, np.float32),
+                "can_bus": can_bus[None].astype(np.float32), "shift": shift[None].astype(np.float32),
+                "prev_bev": prev, "use_prev_bev": np.array([1.0 if continues else 0.0], np.float32)}
+
+    def step(self, frame: Frame) -> dict[str, np.ndarray]:
+        feeds = self.feeds(frame)
+        outputs = self.engine.run(feeds)
+        _, self.pose = relative_can_bus(frame.can_bus, None)
+        self.prev_bev = outputs["bev_embed"]
+        self.scene, self.index = frame.scene, frame.index
+        return outputs
+
+    def run(self, frames) -> list[dict[str, np.ndarray]]:
+        return [self.step(f) for f in frames]
