@@ -14,7 +14,21 @@ def small_data():
 def test_bundled_recipes_load(name):
     recipe = load_recipe(name)
     assert recipe.name == name
-    assert recipe.arch == "centerpoint_pillar"
+    assert recipe.arch == ("bevformer" if name.startswith("bevformer") else "centerpoint_pillar")
+    # Every bundled recipe's pass list must apply to its own model.
+    from deploykit.passes import PASSES
+
+    assert all(p in PASSES for p in recipe.convert.passes)
+
+
+def test_bevformer_recipes_match_public_and_article_layouts():
+    tiny = load_recipe("bevformer_tiny").model
+    assert (tiny.bev_h, tiny.bev_w, tiny.encoder_layers, tiny.decoder_layers, tiny.num_query) == (50, 50, 3, 6, 900)
+    assert (tiny.backbone.depth, tiny.image_size, tiny.embed_dims) == (50, (480, 800), 256)
+    npu = load_recipe("bevformer_npu").model
+    assert (npu.bev_h, npu.bev_w, npu.image_size) == (128, 128, (512, 960))
+    vb = npu.virtual_bev
+    assert (vb.virtual_bev_h, vb.virtual_bev_w, vb.max_numcam_overlap) == (64, 80, 2)
 
 
 def test_nus_recipe_matches_mmdet3d_config():
