@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lidar_rewrites.py
 	$(PY) benchmarks/bench_msda.py
+	$(PY) benchmarks/bench_bevformer.py
 
 clean:
 	rm -rf build .cache

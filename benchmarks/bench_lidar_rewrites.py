@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,14 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from deploykit.artifacts import write_json  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
-from deploykit.bench import interleaved, machine_info, ratio_interval  # noqa: E402
+from deploykit.bench import compare_engines, machine_info  # noqa: E402
 from deploykit.engines.ort import build, default_threads  # noqa: E402
 from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
 from deploykit.samples import torch_outputs  # noqa: E402
 from deploykit.passes import apply_passes  # noqa: E402
 from deploykit.preprocess.pillar_inputs import sample_inputs  # noqa: E402
 from deploykit.recipe import load_recipe  # noqa: E402
-from deploykit.report import markdown_table  # noqa: E402
+from deploykit.report import ratio_rows_markdown, speedup_plot  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_ROUNDS = {"centerpoint_pillar_small": 60, "centerpoint_pillar_nus": 12}
@@ -64,19 +63,6 @@ def export(model, recipe, workdir: Path, name: str):
     return path, sample
 
 
-def timed_table(variants: dict, baseline: str, rounds: int, threads: int) -> list[dict]:
-    """variants: name -> (path, feeds, custom_ops). Ratio = variant / baseline."""
-    engines = {n: (build(p, custom_ops=mode, threads=threads), feeds) for n, (p, feeds, mode) in variants.items()}
-    calls = {n: (lambda e=e, f=f: e.run(f)) for n, (e, f) in engines.items()}
-    samples = interleaved(calls, warmup=3, rounds=rounds)
-    rows = []
-    for name, s in samples.items():
-        ratio, lo, hi = ratio_interval(s, samples[baseline])
-        rows.append({"variant": name, "median_ms": float(np.median(s) * 1e3), "p90_ms": float(np.percentile(s, 90) * 1e3),
-                     "ratio_to_baseline": ratio, "ratio_ci95": [lo, hi], "runs": int(s.size)})
-    return rows
-
-
 def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
     recipe = load_recipe(name)
     original, _, _ = load_model(recipe, None)
@@ -101,9 +87,9 @@ def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
         "pillars_in_sample": int(sample_inputs(recipe.model, SAMPLE_SEED, "PNC").num_pillars),
         "input_shape": list(converted[1]["pillars"].shape),
         "converted_vs_original_max_rel_error": worst,
-        "whole_model": timed_table(whole, "no rewrites", rounds, threads),
-        "pillar_stage": timed_table(stage, "no rewrites", rounds * 3, threads),
-        "scatter_impl": timed_table(scatter, "PillarScatter as function", rounds, threads),
+        "whole_model": compare_engines(whole, "no rewrites", rounds=rounds, threads=threads),
+        "pillar_stage": compare_engines(stage, "no rewrites", rounds=rounds * 3, threads=threads),
+        "scatter_impl": compare_engines(scatter, "PillarScatter as function", rounds=rounds, threads=threads),
     }
 
 
@@ -125,35 +111,14 @@ def to_markdown(report: dict) -> str:
         for key, title in (("whole_model", "Whole model, passes added in turn"),
                            ("pillar_stage", "Pillar stage only (PFN + scatter)"),
                            ("scatter_impl", "How ORT runs the PillarScatter node (whole converted model)")):
-            out += [f"### {title}", ""]
-            rows = [[x["variant"], f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}",
-                     f"{x['ratio_to_baseline']:.3f}", f"{x['ratio_ci95'][0]:.3f}-{x['ratio_ci95'][1]:.3f}", x["runs"]]
-                    for x in r[key]]
-            out += [markdown_table(["variant", "median ms", "p90 ms", "ratio", "95% CI", "runs"], rows), ""]
+            out += [f"### {title}", "", ratio_rows_markdown(r[key]), ""]
     out += ["![latency ratios](lidar_rewrites.png)", ""]
     return "\n".join(out)
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recipes = report["recipes"]
-    fig, axes = plt.subplots(len(recipes), 2, figsize=(12, 3.2 * len(recipes)), squeeze=False)
-    for row, r in zip(axes, recipes):
-        for ax, key in zip(row, ("whole_model", "pillar_stage")):
-            names = [x["variant"] for x in r[key]]
-            speedup = [1 / x["ratio_to_baseline"] for x in r[key]]
-            ax.barh(names[::-1], speedup[::-1], color="#4878a8")
-            ax.axvline(1.0, color="k", lw=0.8)
-            ax.set_title(f"{r['recipe']}: {key.replace('_', ' ')}", fontsize=9)
-            ax.set_xlabel("speed-up vs no rewrites (x)")
-            for i, v in enumerate(speedup[::-1]):
-                ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    speedup_plot([(f"{r['recipe']}: {key.replace('_', ' ')}", r[key]) for r in report["recipes"]
+                  for key in ("whole_model", "pillar_stage")], path, baseline="no rewrites")
 
 
 def main() -> None:

@@ -87,6 +87,28 @@ def ratio_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed:
     return ratio, float(lo), float(hi)
 
 
+def compare_engines(variants: dict[str, tuple], baseline: str, *, rounds: int, threads: int,
+                    warmup: int = 3) -> list[dict]:
+    """Time ONNX models against one baseline, interleaved in this process.
+
+    ``variants``: name -> (model path, feeds, custom-op mode). Each row gives the
+    median and p90 latency and the ratio of medians to ``baseline`` with its 95%
+    bootstrap interval, so two variants can be compared on a noisy machine.
+    """
+    from .engines.ort import build
+
+    engines = {n: (build(p, custom_ops=mode, threads=threads), feeds) for n, (p, feeds, mode) in variants.items()}
+    calls = {n: (lambda e=e, f=f: e.run(f)) for n, (e, f) in engines.items()}
+    samples = interleaved(calls, warmup=warmup, rounds=rounds)
+    rows = []
+    for name, s in samples.items():
+        ratio, lo, hi = ratio_interval(s, samples[baseline])
+        rows.append({"variant": name, "median_ms": float(np.median(s) * 1e3),
+                     "p90_ms": float(np.percentile(s, 90) * 1e3), "ratio_to_baseline": ratio,
+                     "ratio_ci95": [lo, hi], "runs": int(s.size)})
+    return rows
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

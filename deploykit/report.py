@@ -25,3 +25,36 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio_rows_markdown(rows: list[dict]) -> str:
+    """Rows of deploykit.bench.compare_engines as a markdown table."""
+    return markdown_table(["variant", "median ms", "p90 ms", "ratio", "95% CI", "runs"],
+                          [[x["variant"], f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}", f"{x['ratio_to_baseline']:.3f}",
+                            f"{x['ratio_ci95'][0]:.3f}-{x['ratio_ci95'][1]:.3f}", x["runs"]] for x in rows])
+
+
+def speedup_plot(panels: list[tuple[str, list[dict]]], path, *, columns: int = 2, baseline: str = "baseline") -> None:
+    """Horizontal bars of 1/ratio for each (title, compare_engines rows) panel, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows_of_panels = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(6.5 * columns, 3.3 * rows_of_panels), squeeze=False)
+    for ax, (title, rows) in zip(axes.flat, panels):
+        names = [x["variant"] for x in rows][::-1]
+        speedup = [1 / x["ratio_to_baseline"] for x in rows][::-1]
+        ax.barh(names, speedup, color="#4878a8")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"speed-up vs {baseline} (x)")
+        ax.tick_params(axis="y", labelsize=8)
+        for i, v in enumerate(speedup):
+            ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -71,6 +71,12 @@ def prepare(model: onnx.ModelProto, custom_ops: str = "function") -> onnx.ModelP
     if custom_ops == "inline":
         model = onnx.inliner.inline_local_functions(model)
         del model.functions[:]
+        # The lowerings bake shape inputs (spatial_shapes, level_start_index) in
+        # as constants, which leaves those initializers unread.
+        used = {name for n in model.graph.node for name in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
     return model
 
 
@@ -145,6 +151,9 @@ def build(model: str | Path | onnx.ModelProto, *, custom_ops: str = "function",
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[optimization]
     opts.enable_profiling = profile
+    # ORT warns about initializers its own function inlining leaves unread (the
+    # custom ops' constant shape inputs); errors still surface as exceptions.
+    opts.log_severity_level = 3
     if custom_ops == "ortx" and custom_nodes(model):
         from onnxruntime_extensions import get_library_path
 

@@ -1,4 +1,4 @@
 from . import synthetic
 from .model import BEVFormer, BEVFormerConfig, VirtualBEVConfig
 
-__all__ = ["BEVFormer", "BEVFormerConfig", "VirtualBEVConfig"]
+__all__ = ["BEVFormer", "BEVFormerConfig", "VirtualBEVConfig", "synthetic"]

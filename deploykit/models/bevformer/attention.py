@@ -85,8 +85,10 @@ class TemporalSelfAttention(nn.Module):
         return self.output_proj(self.queue_reduce(out)) + identity
 
 
-class MSDeformableAttention3D(nn.Module):
-    """SCA's inner attention: ``num_points`` samples spread over the pillar's Z anchors."""
+class _DeformableProjections(nn.Module):
+    """The projections every deformable attention here shares: per query, offsets
+    and softmaxed weights for heads x levels x points samples, and the value
+    projection."""
 
     def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int):
         super().__init__()
@@ -97,15 +99,25 @@ class MSDeformableAttention3D(nn.Module):
         self.value_proj = nn.Linear(embed_dims, embed_dims)
         self.sampler = Sampler()
 
+    def project(self, query, value):
+        """query (B, Q, C), value (B, L, C) -> value (B, L, heads, C/heads), offsets
+        (B, Q, heads, levels, points, 2) in pixels, weights (B, Q, heads, levels, points)."""
+        bs, num_query, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value).view(bs, value.shape[1], heads, -1)
+        offsets = self.sampling_offsets(query).view(bs, num_query, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(bs, num_query, heads, levels * points).softmax(-1)
+        return value, offsets, weights.view(bs, num_query, heads, levels, points)
+
+
+class MSDeformableAttention3D(_DeformableProjections):
+    """SCA's inner attention: ``num_points`` samples spread over the pillar's Z anchors."""
+
     def forward(self, query, value, reference_points, shapes: list[tuple[int, int]]):
         """query (B, Q, C); value (B, L, C); reference_points (B, Q, D, 2) in [0, 1] image coordinates."""
         bs, num_query, _ = query.shape
-        _, num_value, _ = value.shape
+        value, offsets, weights = self.project(query, value)
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value).view(bs, num_value, heads, -1)
-        offsets = self.sampling_offsets(query).view(bs, num_query, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(bs, num_query, heads, levels * points).softmax(-1)
-        weights = weights.view(bs, num_query, heads, levels, points)
         anchors = reference_points.shape[2]
         # Each of the pillar's Z anchors owns points // anchors consecutive samples.
         offsets = offsets / offset_normalizer(shapes)[None, None, None, :, None, :]
@@ -144,31 +156,17 @@ class SpatialCrossAttention(nn.Module):
         return self.output_proj(slots / count[..., None]) + query
 
 
-class CustomMSDeformableAttention(nn.Module):
+class CustomMSDeformableAttention(_DeformableProjections):
     """The decoder's deformable cross-attention into the BEV (sequence-first I/O)."""
 
     def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
-        n = num_heads * num_levels * num_points
-        self.sampling_offsets = nn.Linear(embed_dims, n * 2)
-        self.attention_weights = nn.Linear(embed_dims, n)
-        self.value_proj = nn.Linear(embed_dims, embed_dims)
+        super().__init__(embed_dims, num_heads, num_levels, num_points)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
-        self.sampler = Sampler()
 
     def forward(self, query, value, query_pos, reference_points, shapes: list[tuple[int, int]]):
         """query (nq, bs, C); value (L, bs, C); reference_points (bs, nq, levels, 2)."""
         identity = query
-        query = (query + query_pos).permute(1, 0, 2)
-        value = value.permute(1, 0, 2)
-        bs, num_query, _ = query.shape
-        _, num_value, _ = value.shape
-        heads, levels, points = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(value).view(bs, num_value, heads, -1)
-        offsets = self.sampling_offsets(query).view(bs, num_query, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(bs, num_query, heads, levels * points).softmax(-1)
-        weights = weights.view(bs, num_query, heads, levels, points)
+        value, offsets, weights = self.project((query + query_pos).permute(1, 0, 2), value.permute(1, 0, 2))
         locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer(shapes)[None, None, None, :, None, :]
         spatial, starts = level_tensors(shapes)
         out = self.sampler(value, spatial, starts, locations, weights)
