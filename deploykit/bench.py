@@ -109,6 +109,27 @@ def compare_engines(variants: dict[str, tuple], baseline: str, *, rounds: int, t
     return rows
 
 
+def compare_pairwise(variants: dict[str, tuple], baseline: str, *, rounds: int, threads: int,
+                     warmup: int = 3) -> list[dict]:
+    """Like compare_engines, but each variant is timed against ``baseline`` in its
+    own interleaved run, so only two ONNX Runtime sessions (and their memory
+    arenas) are alive at once: for models whose engines do not fit in memory
+    together. The baseline row is the one from the first pairing."""
+    import gc
+
+    rows: list[dict] = []
+    for name in variants:
+        if name == baseline:
+            continue
+        pair = compare_engines({baseline: variants[baseline], name: variants[name]}, baseline, rounds=rounds,
+                               threads=threads, warmup=warmup)
+        for row in pair:
+            row["baseline_median_ms"] = pair[0]["median_ms"]
+        rows += pair if not rows else pair[1:]
+        gc.collect()
+    return rows
+
+
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:

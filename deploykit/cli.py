@@ -54,9 +54,12 @@ def main() -> None:
 @click.option("--no-passes", is_flag=True, help="Export the original model without rewrites (for comparison).")
 @click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function",
               show_default=True, help="How ONNX Runtime runs deploykit's custom nodes during the check.")
+@click.option("--standard-ops", is_flag=True,
+              help="Also write model.standard_ops.onnx, custom nodes lowered to standard ONNX ops (for runtimes "
+                   "without deploykit's plugins), checked like model.onnx.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
-def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, quiet):
+def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, standard_ops, quiet):
     """Rewrite, export to static ONNX and check against PyTorch.
 
     Writes OUT/model.onnx, weights.safetensors, inputs.npz, check.json and manifest.json.
@@ -67,7 +70,7 @@ def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, q
         raise click.UsageError("--passes and --no-passes exclude each other")
     chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
     result = run_convert(recipe, out, checkpoint=checkpoint, passes=chosen, overwrite=overwrite,
-                         custom_ops=custom_ops, quiet=quiet)
+                         custom_ops=custom_ops, standard_ops=standard_ops, quiet=quiet)
     eng = result.check["onnxruntime"]
     click.echo(f"wrote {result.out_dir}/ : ONNX Runtime vs PyTorch worst relative error "
                f"{eng['worst_rel_error']:.1e}, min cosine {eng['min_cosine']:.7f}")
@@ -105,6 +108,28 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, {"results": results})
         click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.option("--recipe", "-r", required=True, help="Recipe name or path to a .toml.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory; must not exist unless --overwrite.")
+@click.option("--samples", "-n", type=click.IntRange(1), default=16, show_default=True, help="Number of samples.")
+@click.option("--frames-per-scene", type=click.IntRange(1), default=4, show_default=True,
+              help="Temporal models: consecutive frames per scene (the previous BEV is carried within a scene).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@handle_errors
+def calib(recipe, out, samples, frames_per_scene, overwrite):
+    """Build a calibration set from the recipe's synthetic sample generator.
+
+    Writes OUT/calib.json and one .npz per sample, arrays named after the model's inputs.
+    """
+    from .quantize.calib_set import build_calib_set
+    from .recipe import load_recipe
+
+    path = build_calib_set(load_recipe(recipe), out, samples=samples, frames_per_scene=frames_per_scene,
+                           overwrite=overwrite)
+    click.echo(f"wrote {path}/ : {samples} samples")
 
 
 @main.command()

@@ -43,6 +43,7 @@ from .samples import Sample, torch_outputs
 from .synthetic_checkpoint import default_checkpoint
 
 CHECK_SEED = 1000  # sample scenes for the check; distinct from calibration seeds
+STANDARD_OPS_FILE = "model.standard_ops.onnx"
 
 
 @dataclass
@@ -131,7 +132,10 @@ def tensor_specs(model: onnx.ModelProto, values) -> list[dict]:
 
 def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | None = None,
             passes: list[str] | None = None, overwrite: bool = False, custom_ops: str = "function",
-            quiet: bool = False) -> ConvertResult:
+            standard_ops: bool = False, quiet: bool = False) -> ConvertResult:
+    """``standard_ops`` also writes model.standard_ops.onnx: every deploykit::*
+    node replaced by its lowering to standard ONNX ops, for runtimes that have
+    no plugin or kernel for them; it is checked like model.onnx."""
     from .engines import ort as ort_engine
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -162,6 +166,11 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
             engine = ort_engine.build(onnx_path, custom_ops=custom_ops)
             ort_check = _agreements(references, [engine.run(s.feeds) for s in samples])
             check = _check_report(recipe, torch_check, ort_check, samples, custom_ops)
+            if standard_ops and ort_engine.custom_nodes(exported):
+                std = _write_standard_ops(exported, scratch / STANDARD_OPS_FILE, references, samples)
+                check["standard_ops"] = {"file": STANDARD_OPS_FILE, **_block(recipe, std)}
+                check["passed"] = check["passed"] and check["standard_ops"]["passed"]
+                ort_check = ort_check + std
             write_json(scratch / "check.json", check)
             if not check["passed"]:
                 worst = max(ort_check + torch_check, key=lambda a: a.max_rel_error)
@@ -177,8 +186,18 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
             np.savez(scratch / "inputs.npz", **samples[0].feeds)
             manifest = _manifest(recipe, model, ckpt_path, ckpt_meta, passes, exported, samples[0], steps.timings,
                                  custom_ops)
+            if "standard_ops" in check:
+                manifest["onnx"]["standard_ops_file"] = STANDARD_OPS_FILE
             write_json(scratch / "manifest.json", manifest)
     return ConvertResult(out_dir, manifest, check)
+
+
+def _write_standard_ops(exported: onnx.ModelProto, path: Path, references, samples) -> list[OutputAgreement]:
+    from .engines import ort as ort_engine
+
+    onnx.save(ort_engine.prepare(exported, "inline"), str(path))
+    plain = ort_engine.build(path)
+    return _agreements(references, [plain.run(s.feeds) for s in samples])
 
 
 def _cap_hint(model) -> str:
@@ -202,16 +221,17 @@ def _agreements(references: list[dict], candidates: list[dict]) -> list[OutputAg
             for name, items in per_output.items()]
 
 
+def _block(recipe: Recipe, items: list[OutputAgreement]) -> dict:
+    tol = recipe.check
+    return {"passed": all(a.passes(tol.max_rel_error, tol.min_cosine) for a in items),
+            "worst_rel_error": max(a.max_rel_error for a in items),
+            "min_cosine": min(a.cosine for a in items),
+            "outputs": [a.to_dict() for a in items]}
+
+
 def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[Sample], custom_ops: str) -> dict:
     tol = recipe.check
-
-    def block(items):
-        return {"passed": all(a.passes(tol.max_rel_error, tol.min_cosine) for a in items),
-                "worst_rel_error": max(a.max_rel_error for a in items),
-                "min_cosine": min(a.cosine for a in items),
-                "outputs": [a.to_dict() for a in items]}
-
-    rewritten, engine = block(torch_check), block(ort_check)
+    rewritten, engine = _block(recipe, torch_check), _block(recipe, ort_check)
     return {
         "reference": "original PyTorch model (no passes) on its own inputs (e.g. unpadded pillars)",
         "tolerance": {"max_rel_error": tol.max_rel_error, "min_cosine": tol.min_cosine},

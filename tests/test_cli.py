@@ -92,3 +92,12 @@ def test_recipes_lists_bundled(cli):
     result = cli.invoke(main, ["recipes"])
     assert result.exit_code == 0
     assert "centerpoint_pillar_nus" in result.output and "centerpoint_pillar_small" in result.output
+
+
+def test_calib_builds_a_set_and_refuses_an_existing_dir(cli, tmp_path):
+    out = tmp_path / "calib"
+    result = cli.invoke(main, ["calib", "--recipe", "centerpoint_pillar_small", "--out", str(out), "-n", "2"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["000000.npz", "000001.npz", "calib.json"]
+    result = cli.invoke(main, ["calib", "--recipe", "centerpoint_pillar_small", "--out", str(out), "-n", "2"])
+    assert result.exit_code == 5 and "exists" in result.output

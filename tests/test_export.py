@@ -135,10 +135,6 @@ def test_export_of_a_wrapper_leaves_shared_modules_in_eval_mode(small_recipe, sm
 
 
 def test_bevformer_convert_writes_a_checked_static_engine(bev_converted_dir, bev_recipe):
-    import json
-
-    import onnx
-
     manifest = json.loads((bev_converted_dir / "manifest.json").read_text())
     check = json.loads((bev_converted_dir / "check.json").read_text())
     assert check["passed"] and check["onnxruntime"]["worst_rel_error"] <= bev_recipe.check.max_rel_error
@@ -151,3 +147,14 @@ def test_bevformer_convert_writes_a_checked_static_engine(bev_converted_dir, bev
     graph = onnx.load(str(bev_converted_dir / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert not ops & {"NonZero", "ReduceMean", "GridSample", "ScatterND", "Loop", "If"}
+
+
+def test_standard_ops_copy_has_no_custom_nodes_and_is_checked(tmp_path, bev_recipe):
+    out = tmp_path / "std"
+    result = convert(bev_recipe, out, standard_ops=True, quiet=True)
+    graph = onnx.load(str(out / "model.standard_ops.onnx"))
+    assert not [n for n in graph.graph.node if n.domain == "deploykit"] and not graph.functions
+    assert any(n.op_type == "GridSample" for n in graph.graph.node)
+    check = json.loads((out / "check.json").read_text())
+    assert check["standard_ops"]["passed"] and check["standard_ops"]["worst_rel_error"] < 1e-5
+    assert result.manifest["onnx"]["standard_ops_file"] == "model.standard_ops.onnx"

@@ -79,3 +79,22 @@ def sample_inputs(cfg, seed: int, first_frame: bool | None = None) -> Sample:
     feeds = {"img": img, "can_bus": can_bus[None].astype(np.float32), "shift": shift[None].astype(np.float32),
              "prev_bev": prev_bev, "use_prev_bev": np.array([0.0 if first else 1.0], np.float32)}
     return Sample(feeds, feeds, {"seed": seed, "first_frame": first})
+
+
+def synthetic_scene(cfg, scene: str, frames: int, seed: int) -> list:
+    """``frames`` consecutive camera frames of one drive: the ego moves ~1.5 m and
+    turns 2 degrees per frame; images differ per frame."""
+    from ..temporal.runner import Frame
+
+    rng = np.random.default_rng(seed)
+    start = synthetic_can_bus(rng)
+    out = []
+    for i in range(frames):
+        bus = start.copy()
+        bus[:2] += i * 1.5 * np.array([np.cos(bus[16]), np.sin(bus[16])])
+        bus[16] += np.radians(2.0 * i)
+        bus[17] += 2.0 * i
+        img = normalize_images(synthetic_images(cfg.num_cams, *cfg.image_size, seed * 100 + i), cfg.img_mean,
+                               cfg.img_std)
+        out.append(Frame(img, bus, scene, i))
+    return out

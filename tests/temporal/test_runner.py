@@ -3,24 +3,13 @@ import pytest
 
 from deploykit.engines import ort
 from deploykit.errors import InputError
-from deploykit.preprocess.camera_inputs import normalize_images, synthetic_can_bus, synthetic_images
+from deploykit.preprocess.camera_inputs import synthetic_scene
 from deploykit.temporal.ego_motion import relative_can_bus, rotate_bev
 from deploykit.temporal.runner import Frame, SequenceRunner, TorchEngine
 
 
 def _scene(cfg, name: str, frames: int, seed: int) -> list[Frame]:
-    rng = np.random.default_rng(seed)
-    can_bus = synthetic_can_bus(rng)
-    out = []
-    for i in range(frames):
-        bus = can_bus.copy()
-        bus[:2] += i * 1.5 * np.array([np.cos(bus[16]), np.sin(bus[16])])
-        bus[16] += np.radians(2.0 * i)
-        bus[17] += 2.0 * i
-        img = normalize_images(synthetic_images(cfg.num_cams, *cfg.image_size, seed * 10 + i), cfg.img_mean,
-                               cfg.img_std)
-        out.append(Frame(img, bus, name, i))
-    return out
+    return synthetic_scene(cfg, name, frames, seed)
 
 
 class Recorder:

@@ -1,0 +1,1 @@
+"""Quantization: calibration data, observers and fake-quant, overrides, QDQ export."""
