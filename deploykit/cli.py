@@ -112,6 +112,35 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
 
 @main.command()
 @click.option("--recipe", "-r", required=True, help="Recipe name or path to a .toml.")
+@click.option("--model", "-m", "converted", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="What `deploykit convert` wrote (CONVERTED_DIR).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory; must not exist unless --overwrite.")
+@click.option("--calib", type=click.Path(file_okay=False, path_type=Path),
+              help="Calibration set (see `deploykit calib`). Default: the recipe's bundled synthetic one.")
+@click.option("--int16", "int16", multiple=True,
+              help="Extra quantizer-name pattern to lift to int16 (repeatable), besides the recipe's.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@handle_errors
+def quantize(recipe, converted, out, calib, int16, overwrite, quiet):
+    """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
+
+    Writes OUT/quant_state.safetensors, quantizers.json, fidelity.json/.md and manifest.json.
+    """
+    from .quantize.pipeline import quantize as run_quantize
+
+    result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), overwrite=overwrite, quiet=quiet)
+    for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
+        if key in result.fidelity:
+            worst = min(result.fidelity[key], key=lambda f: f["sqnr_db"])
+            click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
+                       f"cosine {worst['cosine']:.5f}")
+    click.echo(f"wrote {result.out_dir}/")
+
+
+@main.command()
+@click.option("--recipe", "-r", required=True, help="Recipe name or path to a .toml.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory; must not exist unless --overwrite.")
 @click.option("--samples", "-n", type=click.IntRange(1), default=16, show_default=True, help="Number of samples.")

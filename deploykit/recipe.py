@@ -49,6 +49,23 @@ class CheckSpec:
 
 
 @dataclass(frozen=True)
+class QuantizeSpec:
+    # Activation range calibrator: max, percentile, entropy or mse (weights: per-channel max).
+    calibrator: str = "max"
+    # Shell-style patterns of quantizer names lifted to int16 (see `deploykit quantize --list`).
+    int16: tuple[str, ...] = ()
+    calib_samples: int = 16
+    frames_per_scene: int = 4
+
+    def __post_init__(self):
+        methods = ("max", "percentile", "entropy", "mse")
+        if self.calibrator not in methods:
+            raise ValueError(f"calibrator '{self.calibrator}' is not one of {', '.join(methods)}")
+        if self.calib_samples < 1 or self.frames_per_scene < 1:
+            raise ValueError("calib_samples and frames_per_scene must be at least 1")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: Any  # the architecture's config dataclass, see deploykit.models.ARCHITECTURES
@@ -56,6 +73,7 @@ class Recipe:
     checkpoint: CheckpointSpec = CheckpointSpec()
     convert: ConvertSpec = ConvertSpec()
     check: CheckSpec = CheckSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -120,6 +138,7 @@ class _RecipeFields:
     checkpoint: CheckpointSpec = CheckpointSpec()
     convert: ConvertSpec = ConvertSpec()
     check: CheckSpec = CheckSpec()
+    quantize: QuantizeSpec = QuantizeSpec()
 
 
 def from_dict(cls: type, data: Any, where: str) -> Any:

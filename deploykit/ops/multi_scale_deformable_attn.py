@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from .autograd import recompute_backward, save_inputs
 from .onnx_builder import NodeBuilder
 
 OP_TYPE = "MultiScaleDeformableAttn"
@@ -51,8 +52,13 @@ def reference(value: torch.Tensor, spatial_shapes, level_start_index, sampling_l
 
 class MultiScaleDeformableAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):  # noqa: ARG004
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        save_inputs(ctx, (value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
         return reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return recompute_backward(ctx, reference, grad)
 
     @staticmethod
     def symbolic(g, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):

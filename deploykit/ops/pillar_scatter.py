@@ -22,6 +22,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from .autograd import recompute_backward, save_inputs
+
 OP_TYPE = "PillarScatter"
 DOMAIN = "deploykit"
 
@@ -37,8 +39,13 @@ def reference(features: torch.Tensor, coords: torch.Tensor, height: int, width: 
 
 class PillarScatterFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, coords, height: int, width: int):  # noqa: ARG004
+    def forward(ctx, features, coords, height: int, width: int):
+        save_inputs(ctx, (features, coords), (height, width))
         return reference(features, coords, height, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return recompute_backward(ctx, reference, grad)
 
     @staticmethod
     def symbolic(g, features, coords, height: int, width: int):

@@ -30,8 +30,6 @@ from ..errors import InputError
 
 FORMAT = 1
 INDEX = "calib.json"
-# What a temporal camera sample stores; the rest of the engine inputs are state.
-FRAME_INPUTS = ("img", "can_bus")
 
 
 @dataclass(frozen=True)
@@ -137,7 +135,9 @@ def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] 
 def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool) -> None:
     want = {i["name"]: i for i in inputs}
     if temporal:
-        want = {k: v for k, v in want.items() if k in FRAME_INPUTS}
+        # A frame's CAN bus is the raw absolute one, kept in float64 (global positions
+        # in metres need it); the engine's relative float32 (1, 18) is made from it.
+        want = {"img": want["img"], "can_bus": {"name": "can_bus", "shape": [18], "dtype": "float64"}}
     got = {i["name"]: i for i in spec}
     for name, w in want.items():
         g = got.get(name)

@@ -1,0 +1,150 @@
+"""Fake quantization on PyTorch's own ops: quantizers and quantized modules.
+
+A ``TensorQuantizer`` sits on one tensor (a layer input, a weight, an input of
+a custom op). It is off, collecting statistics (``calib``) or applying
+symmetric narrow-range fake quantization (``quant``: int8 in [-127, 127],
+int16 in [-32767, 32767], scale = amax / qmax) with
+``torch.fake_quantize_per_{tensor,channel}_affine``, whose straight-through
+gradient makes the model trainable as is (QAT). Weights are per output
+channel, activations per tensor. The calibrator is kept after calibration so a
+quantizer lifted to int16 later recomputes its range for 16 bits.
+
+Quantized modules subclass the float ones and keep their parameter names, so
+a quantized model's state dict is the float one plus ``*_quantizer.amax``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from .calibrators import make_calibrator
+
+MODES = ("off", "calib", "quant")
+
+
+def qmax(bits: int) -> int:
+    if bits not in (8, 16):
+        raise ValueError(f"only int8 and int16 are supported, not int{bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
+    q = qmax(bits)
+    scale = (amax.float() / q).clamp(min=1e-12)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), torch.zeros((), dtype=torch.int32), -q, q)
+    zero = torch.zeros(scale.numel(), dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero, axis % x.dim(), -q, q)
+
+
+class TensorQuantizer(nn.Module):
+    def __init__(self, bits: int = 8, axis: int | None = None, method: str = "max"):
+        super().__init__()
+        qmax(bits)
+        self.bits, self.axis, self.method = bits, axis, method
+        self.mode = "off"
+        self.calibrator = None
+        self.register_buffer("amax", torch.zeros(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.amax.numel() > 0
+
+    def start_calibration(self) -> None:
+        # Per-channel ranges (weights) are always the max: a weight has no outliers to clip.
+        self.calibrator = make_calibrator("max" if self.axis is not None else self.method, self.axis)
+        self.mode = "calib"
+
+    def finish_calibration(self) -> bool:
+        """Fix the range; False (and the quantizer stays off) if it saw no data: its module
+        is not on the deployed path (e.g. BEVFormer's per-layer class branches before the last)."""
+        if self.calibrator is None or self.calibrator.batches == 0:
+            self.mode = "off"
+            return False
+        self.amax = self.calibrator.compute_amax(self.bits).float()
+        self.mode = "quant"
+        return True
+
+    def set_bits(self, bits: int) -> None:
+        qmax(bits)
+        self.bits = bits
+        if self.calibrator is not None and self.calibrator.batches:
+            self.amax = self.calibrator.compute_amax(bits).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "calib":
+            try:
+                self.calibrator.collect(x.detach())
+            except InputError as exc:
+                raise InputError(f"{exc} (at quantizer {getattr(self, 'qname', '?')})") from None
+            return x
+        if self.mode == "quant":
+            return fake_quantize(x, self.amax, self.bits, self.axis)
+        return x
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.axis is None else f"per-channel axis {self.axis}"
+        return f"int{self.bits}, {axis}, {self.method}, mode={self.mode}"
+
+
+def _adopt(cls, module: nn.Module) -> nn.Module:
+    """An instance of ``cls`` (a subclass of module's class) sharing module's tensors."""
+    q = cls.__new__(cls)
+    q.__dict__.update(module.__dict__)
+    q._parameters = OrderedDict(module._parameters)
+    q._buffers = OrderedDict(module._buffers)
+    q._modules = OrderedDict(module._modules)
+    return q
+
+
+class _QuantWeighted:
+    """from_float for layers with one input and one weight quantizer."""
+
+    weight_axis = 0  # the output-channel axis of the weight
+
+    @classmethod
+    def from_float(cls, m: nn.Module, method: str) -> nn.Module:
+        q = _adopt(cls, m)
+        q.input_quantizer = TensorQuantizer(method=method)
+        q.weight_quantizer = TensorQuantizer(axis=cls.weight_axis)
+        return q
+
+
+class QuantConv2d(_QuantWeighted, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConvTranspose2d(_QuantWeighted, nn.ConvTranspose2d):
+    weight_axis = 1  # (in, out/groups, kH, kW)
+
+    def forward(self, x):
+        return F.conv_transpose2d(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias, self.stride,
+                                  self.padding, self.output_padding, self.groups, self.dilation)
+
+
+class QuantLinear(_QuantWeighted, nn.Linear):
+    def forward(self, x):
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantInputs(nn.Module):
+    """Quantizes the float tensor inputs of a parameter-free module (a custom op,
+    a deformable-attention sampler); integer inputs (shapes, indices) pass as they are."""
+
+    def __init__(self, inner: nn.Module, names: tuple[str, ...], method: str):
+        super().__init__()
+        self.inner = inner
+        self.names = names
+        for name in names:
+            if name:
+                self.add_module(f"{name}_quantizer", TensorQuantizer(method=method))
+
+    def forward(self, *args):
+        args = [getattr(self, f"{n}_quantizer")(a) if n else a for n, a in zip(self.names, args)]
+        return self.inner(*args)

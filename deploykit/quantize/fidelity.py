@@ -1,0 +1,41 @@
+"""How far a quantized model's outputs are from the float model's."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    name: str
+    sqnr_db: float  # 10 log10(signal power / error power); +inf when identical
+    cosine: float
+    max_rel_error: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - other.astype(np.float64)) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-300) / noise)
+
+
+def fidelity(references: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> list[Fidelity]:
+    """Per output, over all samples together (errors pooled, so one bad sample shows)."""
+    result = []
+    for name in references[0]:
+        ref = np.concatenate([r[name].ravel() for r in references]).astype(np.float64)
+        out = np.concatenate([o[name].ravel() for o in outputs]).astype(np.float64)
+        denom = np.linalg.norm(ref) * np.linalg.norm(out)
+        cosine = float(ref @ out / denom) if denom > 0 else float(np.array_equal(ref, out))
+        scale = np.abs(ref).max()
+        rel = float(np.abs(ref - out).max() / scale) if scale > 0 else float(np.abs(out).max())
+        result.append(Fidelity(name, sqnr_db(ref, out), cosine, rel))
+    return result

@@ -1,0 +1,163 @@
+"""quantize: converted model + calibration set -> calibrated fake-quant model and its fidelity.
+
+Reads what ``deploykit convert`` wrote (the rewritten model's weights and
+manifest), inserts quantizers, calibrates them on the calibration set (for
+temporal models frame by frame in scene order, carrying the previous BEV),
+lifts the recipe's int16 patterns, and measures the outputs against the float
+model on the check samples, for int8 everywhere and for int8 + int16. Writes
+``OUT/`` atomically:
+
+    quant_state.safetensors  float weights + every quantizer's amax
+    quantizers.json          name, bits, axis, calibrator and range of each quantizer
+    fidelity.json / .md      SQNR, cosine and max error per output, int8 and int8+int16
+    manifest.json            recipe, source model, calibration set, overrides, versions
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..artifacts import atomic_directory, ensure_writable, sha256_file, write_json
+from ..checkpoint import load_state_dict
+from ..errors import InputError
+from ..models import build_model, make_sample
+from ..passes import apply_passes
+from ..progress import Steps, console
+from ..recipe import REPO_ROOT, Recipe, load_recipe
+from ..samples import torch_outputs
+from .calib_set import CalibSet, build_calib_set, load_calib_set
+from .fidelity import fidelity
+from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
+
+CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
+CHECK_SEED = 1000  # the samples convert checked with
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: Path
+    fidelity: dict
+    warnings: list[str]
+
+
+def load_converted(recipe: Recipe, converted: Path) -> tuple[torch.nn.Module, dict]:
+    converted = Path(converted)
+    path = converted / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{converted} is not a `deploykit convert` output (no manifest.json)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("recipe", {}).get("name") != recipe.name:
+        raise InputError(f"{converted} was converted with recipe {manifest.get('recipe', {}).get('name')!r}, "
+                         f"not {recipe.name!r}")
+    from safetensors.torch import load_file
+
+    model = apply_passes(build_model(recipe), manifest["passes"]).eval()
+    load_state_dict(model, load_file(str(converted / "weights.safetensors")), source=str(converted),
+                    recipe=recipe.name)
+    return model, manifest
+
+
+def default_calib_set(recipe: Recipe) -> Path:
+    """The recipe's bundled calibration set (synthetic), generated into .cache/ on first use."""
+    spec = recipe.quantize
+    path = CALIB_CACHE / f"{recipe.name}-n{spec.calib_samples}-f{spec.frames_per_scene}"
+    if not path.exists():
+        build_calib_set(recipe, path, samples=spec.calib_samples, frames_per_scene=spec.frames_per_scene)
+    return path
+
+
+def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False) -> list[str]:
+    """Calibrate every quantizer; returns the names of those that saw no data (not on the deployed path)."""
+    from rich.progress import track
+
+    from ..temporal.runner import Frame, SequenceRunner, TorchEngine
+
+    for q in quantizers(qmodel).values():
+        q.start_calibration()
+    runner = SequenceRunner(TorchEngine(qmodel), recipe.model) if calib.temporal else None
+    for sample in track(calib, total=len(calib), description="calibrating", console=console(), disable=quiet,
+                        transient=True):
+        if runner is not None:
+            runner.step(Frame(sample.arrays["img"], sample.arrays["can_bus"].astype(np.float64), sample.scene,
+                              sample.index))
+        else:
+            torch_outputs(qmodel, sample.arrays)
+    return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
+
+
+def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
+             int16: tuple[str, ...] = (), overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    out = Path(out)
+    ensure_writable(out, overwrite=overwrite)
+    steps = Steps(4, quiet=quiet)
+    with steps.step(f"load converted {recipe.name} and the calibration set"):
+        model, manifest = load_converted(recipe, Path(converted))
+        calib_path = Path(calib) if calib else default_calib_set(recipe)
+        inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
+        calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
+    with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
+        qmodel = insert_quantizers(model, recipe.quantize.calibrator)
+        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet)
+        active = [n for n in quantizers(qmodel) if n not in unused]
+    patterns = tuple(recipe.quantize.int16) + tuple(int16)
+    matches, warnings = match_patterns(qmodel, patterns)
+    for w in warnings:
+        console().print(f"[yellow]warning:[/yellow] {w}")
+    lifted = sorted({n for names in matches.values() for n in names})
+    with steps.step(f"measure fidelity: int8, int8 + {len(lifted)} int16 quantizers"):
+        samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
+        references = [torch_outputs(model, s.feeds) for s in samples]
+        set_mode(qmodel, "quant", active)
+        report = {"int8": [f.to_dict() for f in fidelity(references, [torch_outputs(qmodel, s.feeds)
+                                                                        for s in samples])]}
+        if lifted:
+            set_bits(qmodel, lifted, 16)
+            report["int8_int16"] = [f.to_dict() for f in fidelity(references, [torch_outputs(qmodel, s.feeds)
+                                                                                for s in samples])]
+    with steps.step("write quantized state, fidelity report and manifest"), \
+            atomic_directory(out, overwrite=overwrite) as scratch:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in qmodel.state_dict().items()}, str(scratch / "quant_state.safetensors"))
+        write_json(scratch / "quantizers.json", [_describe(name, q) for name, q in quantizers(qmodel).items()
+                                                 if name in active])
+        write_json(scratch / "fidelity.json", {"samples": [s.info for s in samples], **report})
+        (scratch / "fidelity.md").write_text(fidelity_markdown(recipe.name, report))
+        write_json(scratch / "manifest.json", {
+            "deploykit": __version__, "stage": "quantize",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "recipe": recipe.name, "converted": str(converted),
+            "converted_onnx_sha256": sha256_file(Path(converted) / "model.onnx"),
+            "calibration": {"path": str(calib_path), "samples": len(calib_set), "temporal": calib_set.temporal,
+                            "calibrator": recipe.quantize.calibrator},
+            "int16": {"patterns": list(patterns), "matched": matches, "warnings": warnings},
+            "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
+            "timings_s": steps.timings})
+    return QuantizeResult(out, report, warnings)
+
+
+def _describe(name: str, q) -> dict:
+    amax = q.amax.tolist()
+    return {"name": name, "bits": q.bits, "axis": q.axis, "calibrator": "max" if q.axis is not None else q.method,
+            "amax": amax if q.axis is None else {"min": min(amax), "max": max(amax), "channels": len(amax)}}
+
+
+def fidelity_markdown(recipe: str, report: dict) -> str:
+    from ..report import markdown_table
+
+    lines = [f"# Quantization fidelity: {recipe}", "",
+             "Fake-quant PyTorch model against the float model on the check samples (pooled).", ""]
+    for key, title in (("int8", "int8 everywhere"), ("int8_int16", "int8 + int16 overrides")):
+        if key in report:
+            rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
+                    for f in report[key]]
+            lines += [f"## {title}", "", markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows), ""]
+    return "\n".join(lines)
