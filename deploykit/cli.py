@@ -126,7 +126,8 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
 def quantize(recipe, converted, out, calib, int16, overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
-    Writes OUT/quant_state.safetensors, quantizers.json, fidelity.json/.md and manifest.json.
+    Writes OUT/model.int8.qdq.onnx, model.qdq.onnx (with int16), quant_state.safetensors,
+    quantizers.json, fidelity.json/.md and manifest.json.
     """
     from .quantize.pipeline import quantize as run_quantize
 

@@ -80,6 +80,20 @@ def prepare(model: onnx.ModelProto, custom_ops: str = "function") -> onnx.ModelP
     return model
 
 
+def _disabled_optimizers(model: onnx.ModelProto) -> list[str]:
+    """ORT 1.32's Q/DQ propagation copies an int16 Q/DQ pair across Reshape and
+    Transpose with a uint8 zero point ("output_dtype INT8 does not match
+    y_zero_point type UINT8") and the session fails to load; int8 models are
+    unaffected, so it is disabled only where int16 Q/DQ is present."""
+    int16 = onnx.TensorProto.INT16
+    consts = {t.name: t.data_type for t in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    has_int16 = any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and consts.get(n.input[2]) == int16
+                    for n in model.graph.node)
+    return ["QDQPropagationTransformer"] if has_int16 else []
+
+
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
     for o in model.opset_import:
         if o.domain == domain:
@@ -159,7 +173,8 @@ def build(model: str | Path | onnx.ModelProto, *, custom_ops: str = "function",
 
         opts.register_custom_ops_library(get_library_path())
     try:
-        session = ort.InferenceSession(prepared.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(prepared.SerializeToString(), opts, providers=["CPUExecutionProvider"],
+                                       disabled_optimizers=_disabled_optimizers(prepared))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise EngineError(f"ONNX Runtime cannot load {source}: {str(exc).splitlines()[0][:300]}") from None
     return OrtEngine(session, source, custom_ops, threads)

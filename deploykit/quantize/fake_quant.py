@@ -42,6 +42,46 @@ def fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | No
     return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero, axis % x.dim(), -q, q)
 
 
+class QuantizeDequantize(torch.autograd.Function):
+    """Fake quantization that exports as an ONNX QuantizeLinear/DequantizeLinear pair.
+
+    The zero point's dtype carries the width (int8 or int16, the latter valid
+    from opset 21). ONNX saturates int8 to [-128, 127] where the fake-quant
+    model clips at -127: the two differ only for values below -amax, by at most
+    one quantization step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis):  # noqa: ARG004
+        q = 127 if zero_point.dtype == torch.int8 else 32767
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, torch.zeros((), dtype=torch.int32), -q, q)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis, -q, q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, axis):
+        kwargs = {} if axis is None else {"axis_i": axis}
+        q = g.op("QuantizeLinear", x, scale, zero_point, **kwargs)
+        out = g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
+        out.setType(x.type())
+        return out
+
+
+def export_fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
+    # Rebuilt from Python numbers so the scale is a constant of the graph, not
+    # arithmetic on the amax buffer that the exporter would keep.
+    scale = torch.tensor((amax.float() / qmax(bits)).clamp(min=1e-12).tolist(), dtype=torch.float32)
+    dtype = torch.int8 if bits == 8 else torch.int16
+    if axis is None:
+        return QuantizeDequantize.apply(x, scale.reshape(()), torch.zeros((), dtype=dtype), None)
+    axis = axis % x.dim()
+    return QuantizeDequantize.apply(x, scale.reshape(-1), torch.zeros(scale.numel(), dtype=dtype), axis)
+
+
 class TensorQuantizer(nn.Module):
     def __init__(self, bits: int = 8, axis: int | None = None, method: str = "max"):
         super().__init__()
@@ -84,6 +124,8 @@ class TensorQuantizer(nn.Module):
                 raise InputError(f"{exc} (at quantizer {getattr(self, 'qname', '?')})") from None
             return x
         if self.mode == "quant":
+            if torch.onnx.is_in_onnx_export():
+                return export_fake_quantize(x, self.amax, self.bits, self.axis)
             return fake_quantize(x, self.amax, self.bits, self.axis)
         return x
 
