@@ -120,10 +120,13 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
               help="Calibration set (see `deploykit calib`). Default: the recipe's bundled synthetic one.")
 @click.option("--int16", "int16", multiple=True,
               help="Extra quantizer-name pattern to lift to int16 (repeatable), besides the recipe's.")
+@click.option("--int16-sensitive", is_flag=True,
+              help="Choose the int16 modules by measured sensitivity (smallest set meeting the recipe's "
+                   "target_sqnr_db within int16_budget) instead of the recipe's patterns.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @handle_errors
-def quantize(recipe, converted, out, calib, int16, overwrite, quiet):
+def quantize(recipe, converted, out, calib, int16, int16_sensitive, overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
     Writes OUT/model.int8.qdq.onnx, model.qdq.onnx (with int16), quant_state.safetensors,
@@ -131,7 +134,8 @@ def quantize(recipe, converted, out, calib, int16, overwrite, quiet):
     """
     from .quantize.pipeline import quantize as run_quantize
 
-    result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), overwrite=overwrite, quiet=quiet)
+    result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), int16_sensitive=int16_sensitive,
+                          overwrite=overwrite, quiet=quiet)
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:
             worst = min(result.fidelity[key], key=lambda f: f["sqnr_db"])

@@ -56,6 +56,10 @@ class QuantizeSpec:
     int16: tuple[str, ...] = ()
     calib_samples: int = 16
     frames_per_scene: int = 4
+    # --int16-sensitive: lift modules to int16 until the worst output's SQNR against
+    # the float model reaches this, using at most this many modules.
+    target_sqnr_db: float = 30.0
+    int16_budget: int = 8
 
     def __post_init__(self):
         methods = ("max", "percentile", "entropy", "mse")

@@ -24,7 +24,7 @@ def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
     signal = float(np.sum(ref ** 2))
     if noise == 0.0:
         return float("inf")
-    return 10.0 * np.log10(max(signal, 1e-300) / noise)
+    return float(10.0 * np.log10(max(signal, 1e-300) / noise))
 
 
 def fidelity(references: list[dict[str, np.ndarray]], outputs: list[dict[str, np.ndarray]]) -> list[Fidelity]:

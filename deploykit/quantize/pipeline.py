@@ -37,9 +37,13 @@ from ..samples import torch_outputs
 from .calib_set import CalibSet, build_calib_set, load_calib_set
 from .fidelity import fidelity
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
+from .sensitivity import group_modules, raise_if_unmet, search_int16
+from .sensitivity import markdown as sensitivity_markdown
+from .sensitivity import plot as sensitivity_plot
 
 CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
 CHECK_SEED = 1000  # the samples convert checked with
+SEARCH_SEED = 1100  # samples the int16 search chooses on
 
 
 @dataclass
@@ -95,11 +99,16 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
 
 
 def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
-             int16: tuple[str, ...] = (), overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
+             int16: tuple[str, ...] = (), int16_sensitive: bool = False, overwrite: bool = False,
+             quiet: bool = False) -> QuantizeResult:
+    """``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
+    smallest set of modules, ranked by measured sensitivity, that meets
+    ``[quantize] target_sqnr_db`` within ``int16_budget`` modules (see
+    deploykit.quantize.sensitivity); ``int16`` patterns are added either way."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out)
     ensure_writable(out, overwrite=overwrite)
-    steps = Steps(5, quiet=quiet)
+    steps = Steps(6 if int16_sensitive else 5, quiet=quiet)
     with steps.step(f"load converted {recipe.name} and the calibration set"):
         model, manifest = load_converted(recipe, Path(converted))
         calib_path = Path(calib) if calib else default_calib_set(recipe)
@@ -109,12 +118,22 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         qmodel = insert_quantizers(model, recipe.quantize.calibrator)
         unused = calibrate(qmodel, recipe, calib_set, quiet=quiet)
         active = [n for n in quantizers(qmodel) if n not in unused]
-    patterns = tuple(recipe.quantize.int16) + tuple(int16)
+    patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
     for w in warnings:
         if not quiet:
             console().print(f"[yellow]warning:[/yellow] {w}")
     lifted = sorted({n for names in matches.values() for n in names})
+    search = None
+    if int16_sensitive:
+        spec = recipe.quantize
+        with steps.step(f"measure int16 sensitivity of {len(group_modules(active))} modules"):
+            # Separate samples from the check ones, so the reported fidelity is not the one optimised.
+            chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
+            search = search_int16(qmodel, active, chooser, [torch_outputs(model, s.feeds) for s in chooser],
+                                  target_db=spec.target_sqnr_db, budget=spec.int16_budget, quiet=quiet)
+            raise_if_unmet(search)
+        lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
     with steps.step(f"measure fidelity: int8, int8 + {len(lifted)} int16 quantizers"):
         samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
         references = [torch_outputs(model, s.feeds) for s in samples]
@@ -132,6 +151,10 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         with steps.step("write quantized state, fidelity report and manifest"):
             from safetensors.torch import save_file
 
+            if search is not None:
+                write_json(scratch / "sensitivity.json", search.to_dict())
+                (scratch / "sensitivity.md").write_text(sensitivity_markdown(search, recipe.name))
+                sensitivity_plot(search, scratch / "sensitivity.png")
             save_file({k: v.contiguous() for k, v in qmodel.state_dict().items()},
                       str(scratch / "quant_state.safetensors"))
             write_json(scratch / "quantizers.json", [_describe(name, q) for name, q in quantizers(qmodel).items()
@@ -145,7 +168,9 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
                 "converted_onnx_sha256": sha256_file(Path(converted) / "model.onnx"),
                 "calibration": {"path": str(calib_path), "samples": len(calib_set), "temporal": calib_set.temporal,
                                 "calibrator": recipe.quantize.calibrator},
-                "int16": {"patterns": list(patterns), "matched": matches, "warnings": warnings},
+                "int16": {"patterns": list(patterns), "matched": matches, "warnings": warnings,
+                          "sensitivity": None if search is None else {"chosen": search.chosen,
+                                                                      "file": "sensitivity.md"}},
                 "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})

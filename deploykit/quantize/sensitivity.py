@@ -1,0 +1,164 @@
+"""Measured int16 choice: which quantized modules are worth 16 bits.
+
+A "module" here is what an NPU runs as one quantized op: a layer's input and
+weight quantizers together, or all input quantizers of one custom op. For each
+module two figures are measured on the check samples:
+
+* alone:  the outputs' SQNR when only this module is quantized (int8) and the
+          rest runs in float: how much damage it does by itself;
+* gain:   how much the worst output SQNR of the all-int8 model improves when
+          only this module is lifted to int16.
+
+Modules are ranked by gain, then added to the int16 set greedily until the
+worst output SQNR meets the recipe's target; the search stops at the budget
+and, if the target is still out of reach, says how close the best set came.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.progress import track
+
+from ..errors import CheckFailedError
+from ..progress import console
+from ..samples import torch_outputs
+from .fidelity import fidelity
+from .insert import set_bits, set_mode
+
+
+@dataclass
+class ModuleSensitivity:
+    module: str
+    quantizers: list[str]
+    alone_sqnr_db: float
+    lifted_sqnr_db: float
+    gain_db: float
+
+
+@dataclass
+class Search:
+    baseline_sqnr_db: float  # worst output, all int8
+    modules: list[ModuleSensitivity]  # ranked by gain
+    chosen: list[str] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # worst SQNR after each addition
+    target_db: float = 0.0
+    budget: int = 0
+
+    @property
+    def final_sqnr_db(self) -> float:
+        return self.steps[-1]["worst_sqnr_db"] if self.steps else self.baseline_sqnr_db
+
+    @property
+    def met(self) -> bool:
+        return bool(self.final_sqnr_db >= self.target_db)
+
+    def chosen_quantizers(self) -> list[str]:
+        names = {m.module: m.quantizers for m in self.modules}
+        return sorted(q for module in self.chosen for q in names[module])
+
+    def to_dict(self) -> dict:
+        return {"baseline_worst_sqnr_db": self.baseline_sqnr_db, "target_db": self.target_db, "budget": self.budget,
+                "met": self.met, "final_worst_sqnr_db": self.final_sqnr_db, "chosen": self.chosen, "steps": self.steps,
+                "modules": [m.__dict__ for m in self.modules]}
+
+
+def group_modules(names: list[str]) -> dict[str, list[str]]:
+    """Quantizer names by owning module: ``a.b.input_quantizer`` -> ``a.b``."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    return groups
+
+
+def _worst(references, outputs) -> float:
+    return min(f.sqnr_db for f in fidelity(references, outputs))
+
+
+def search_int16(qmodel, active: list[str], samples, references, *, target_db: float, budget: int,
+                 quiet: bool = False) -> Search:
+    groups = group_modules(active)
+
+    def run() -> list[dict]:
+        return [torch_outputs(qmodel, s.feeds) for s in samples]
+
+    set_mode(qmodel, "quant", active)
+    set_bits(qmodel, active, 8)
+    baseline = _worst(references, run())
+    measured = []
+    for module, names in track(list(groups.items()), description="sensitivity", console=console(), disable=quiet,
+                               transient=True):
+        set_mode(qmodel, "off")
+        set_mode(qmodel, "quant", names)
+        alone = _worst(references, run())
+        set_mode(qmodel, "quant", active)
+        set_bits(qmodel, names, 16)
+        lifted = _worst(references, run())
+        set_bits(qmodel, names, 8)
+        measured.append(ModuleSensitivity(module, names, alone, lifted, lifted - baseline))
+    measured.sort(key=lambda m: (-m.gain_db, m.alone_sqnr_db))
+    result = Search(baseline, measured, target_db=target_db, budget=budget)
+    if baseline >= target_db:
+        return result
+    for m in measured[:budget]:
+        result.chosen.append(m.module)
+        set_bits(qmodel, m.quantizers, 16)
+        worst = _worst(references, run())
+        result.steps.append({"module": m.module, "worst_sqnr_db": worst})
+        if worst >= target_db:
+            break
+    set_bits(qmodel, active, 8)
+    return result
+
+
+def raise_if_unmet(search: Search) -> None:
+    if search.met:
+        return
+    best = max([s["worst_sqnr_db"] for s in search.steps], default=search.baseline_sqnr_db)
+    top = ", ".join(f"{m.module} (+{m.gain_db:.1f} dB)" for m in search.modules[:3])
+    raise CheckFailedError(
+        f"no int16 set of at most {search.budget} modules reaches {search.target_db:.1f} dB worst-output SQNR: "
+        f"all-int8 gives {search.baseline_sqnr_db:.1f} dB, the best set {best:.1f} dB. The modules that help most: "
+        f"{top}. Raise [quantize] int16_budget, lower target_sqnr_db, or try another calibrator")
+
+
+def markdown(search: Search, recipe: str) -> str:
+    from ..report import markdown_table
+
+    lines = [f"# int16 sensitivity: {recipe}", "",
+             f"All int8: worst output SQNR {search.baseline_sqnr_db:.1f} dB; target {search.target_db:.1f} dB, "
+             f"budget {search.budget} modules; {'met' if search.met else 'NOT met'} with "
+             f"{len(search.chosen)} module(s) in int16.", ""]
+    if search.steps:
+        lines += ["## Greedy choice", "", markdown_table(["added to int16", "worst SQNR dB after"],
+                                                         [[s["module"], f"{s['worst_sqnr_db']:.1f}"]
+                                                          for s in search.steps]), ""]
+    chosen = set(search.chosen)
+    rows = [[m.module, f"{m.gain_db:+.2f}", f"{m.alone_sqnr_db:.1f}", len(m.quantizers),
+             "yes" if m.module in chosen else ""] for m in search.modules]
+    lines += ["## Modules ranked by gain when lifted alone", "",
+              markdown_table(["module", "gain dB", "SQNR quantized alone", "quantizers", "int16"], rows), "",
+              "![sensitivity](sensitivity.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(search: Search, path, top: int = 25) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mods = search.modules[:top]
+    chosen = set(search.chosen)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(mods) + 1.5))
+    names = [m.module[-60:] for m in mods][::-1]
+    gains = [m.gain_db for m in mods][::-1]
+    colors = ["#c44e52" if m.module in chosen else "#4878a8" for m in mods][::-1]
+    ax.barh(names, gains, color=colors)
+    ax.set_xlabel("worst-output SQNR gain when lifted alone to int16 (dB); red: chosen")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_title(f"baseline all-int8 {search.baseline_sqnr_db:.1f} dB, target {search.target_db:.1f} dB", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

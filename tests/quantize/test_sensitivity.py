@@ -1,0 +1,61 @@
+import dataclasses
+import json
+
+import pytest
+
+from deploykit.errors import CheckFailedError
+from deploykit.quantize.pipeline import quantize
+from deploykit.quantize.sensitivity import group_modules
+
+
+def _with(recipe, **quant):
+    # One check sample keeps the ~100-module search quick.
+    return dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, **quant),
+                               check=dataclasses.replace(recipe.check, samples=1))
+
+
+def test_groups_are_modules():
+    groups = group_modules(["a.conv.input_quantizer", "a.conv.weight_quantizer", "b.sampler.value_quantizer"])
+    assert groups == {"a.conv": ["a.conv.input_quantizer", "a.conv.weight_quantizer"],
+                      "b.sampler": ["b.sampler.value_quantizer"]}
+
+
+@pytest.fixture(scope="module")
+def all_int8_worst(bev_recipe, bev_converted_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "probe"
+    # An unreachable target with budget 0 measures everything and reports the baseline.
+    with pytest.raises(CheckFailedError, match=r"all-int8 gives (-?[\d.]+) dB") as err:
+        quantize(_with(bev_recipe, target_sqnr_db=999.0, int16_budget=0), bev_converted_dir, out,
+                 int16_sensitive=True, quiet=True)
+    assert not out.exists()  # nothing half-written
+    import re
+
+    return float(re.search(r"all-int8 gives (-?[\d.]+) dB", str(err.value)).group(1))
+
+
+def test_search_lifts_the_fewest_modules_that_meet_the_target(bev_recipe, bev_converted_dir, tmp_path,
+                                                            all_int8_worst):
+    recipe = _with(bev_recipe, target_sqnr_db=all_int8_worst + 0.5, int16_budget=6)
+    out = tmp_path / "q"
+    quantize(recipe, bev_converted_dir, out, int16_sensitive=True, quiet=True)
+    search = json.loads((out / "sensitivity.json").read_text())
+    assert search["met"] and 1 <= len(search["chosen"]) <= 6
+    assert search["final_worst_sqnr_db"] >= recipe.quantize.target_sqnr_db
+    # Greedy by measured gain: the chosen modules are the top of the ranking, in order.
+    ranked = [m["module"] for m in search["modules"]]
+    assert search["chosen"] == ranked[:len(search["chosen"])]
+    gains = [m["gain_db"] for m in search["modules"]]
+    assert gains == sorted(gains, reverse=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["int16"]["sensitivity"]["chosen"] == search["chosen"]
+    assert manifest["int16"]["patterns"] == []  # the hand-written patterns are replaced
+    assert manifest["quantizers"]["int16"] == sum(len(m["quantizers"]) for m in search["modules"]
+                                                  if m["module"] in search["chosen"])
+    assert (out / "sensitivity.png").stat().st_size > 1000 and "Greedy choice" in (out / "sensitivity.md").read_text()
+
+
+def test_unreachable_target_names_the_closest_modules(bev_recipe, bev_converted_dir, tmp_path):
+    with pytest.raises(CheckFailedError, match=r"no int16 set of at most 2 modules reaches 200.0 dB.*help most: \S+ \(\+"):
+        quantize(_with(bev_recipe, target_sqnr_db=200.0, int16_budget=2), bev_converted_dir, tmp_path / "q",
+                 int16_sensitive=True, quiet=True)
+    assert not (tmp_path / "q").exists()
