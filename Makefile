@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_lidar_rewrites.py
 	$(PY) benchmarks/bench_msda.py
 	$(PY) benchmarks/bench_bevformer.py
+	$(PY) benchmarks/bench_quantize.py
 
 clean:
 	rm -rf build .cache

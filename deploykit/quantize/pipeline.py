@@ -1,7 +1,8 @@
 """quantize: converted model + calibration set -> calibrated fake-quant model and its fidelity.
 
 Reads what ``deploykit convert`` wrote (the rewritten model's weights and
-manifest), inserts quantizers, calibrates them on the calibration set (for
+manifest), folds BatchNorm into the convolutions (the weights an int8
+accelerator runs), inserts quantizers, calibrates them on the calibration set (for
 temporal models frame by frame in scene order, carrying the previous BEV),
 lifts the recipe's int16 patterns, and measures the outputs against the float
 model on the check samples, for int8 everywhere and for int8 + int16. Writes
@@ -36,6 +37,7 @@ from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
 from .calib_set import CalibSet, build_calib_set, load_calib_set
 from .fidelity import fidelity
+from .fold_bn import fold_batchnorms
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
 from .sensitivity import group_modules, raise_if_unmet, search_int16
 from .sensitivity import markdown as sensitivity_markdown
@@ -115,7 +117,8 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
-        qmodel = insert_quantizers(model, recipe.quantize.calibrator)
+        folded, num_folded = fold_batchnorms(model)
+        qmodel = insert_quantizers(folded, recipe.quantize.calibrator)
         unused = calibrate(qmodel, recipe, calib_set, quiet=quiet)
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
@@ -172,6 +175,7 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
                           "sensitivity": None if search is None else {"chosen": search.chosen,
                                                                       "file": "sensitivity.md"}},
                 "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
+                "batchnorms_folded": num_folded,
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})
     return QuantizeResult(out, report, warnings)
