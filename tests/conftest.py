@@ -102,3 +102,12 @@ def bev_converted_dir(tmp_path_factory, bev_recipe):
     out = tmp_path_factory.mktemp("convert") / "bevformer_small"
     convert(bev_recipe, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def bev_quantized_dir(tmp_path_factory, bev_recipe, bev_converted_dir):
+    from deploykit.quantize.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("quantize") / "bevformer_small"
+    quantize(bev_recipe, bev_converted_dir, out, quiet=True)
+    return out

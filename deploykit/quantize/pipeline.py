@@ -10,6 +10,8 @@ model on the check samples, for int8 everywhere and for int8 + int16. Writes
 
     model.int8.qdq.onnx      int8 Q/DQ everywhere (the recipe's opset)
     model.qdq.onnx           int8 + the int16 overrides (opset 21), when there are any
+    model.trt.qdq.onnx       TensorRT flavour: int16 regions as float islands, one Q/DQ pair
+                             per tensor, shared scales on Add/Concat inputs
     quant_state.safetensors  float weights + every quantizer's amax
     quantizers.json          name, bits, axis, calibrator and range of each quantizer
     fidelity.json / .md      SQNR, cosine and max error per output, int8 and int8+int16
@@ -46,6 +48,7 @@ from .sensitivity import plot as sensitivity_plot
 CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
 CHECK_SEED = 1000  # the samples convert checked with
 SEARCH_SEED = 1100  # samples the int16 search chooses on
+TRT_FILE = "model.trt.qdq.onnx"
 
 
 @dataclass
@@ -182,10 +185,13 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
 
 
 def _export_and_check(qmodel, lifted: list[str], samples, scratch: Path, opset: int) -> dict:
-    """Write model.int8.qdq.onnx (and model.qdq.onnx with the int16 overrides) and
-    compare ONNX Runtime with the fake-quant PyTorch model on the check samples."""
-    from ..engines import ort as ort_engine
+    """Write model.int8.qdq.onnx, model.qdq.onnx (with the int16 overrides) and
+    model.trt.qdq.onnx, and compare ONNX Runtime on each with the fake-quant
+    PyTorch model configured the same way, on the check samples."""
+    import onnx
+
     from .qdq_export import export_qdq
+    from .trt_flavour import tensorrt_flavour
 
     variants = [("int8", "model.int8.qdq.onnx", [])] + ([("int8_int16", "model.qdq.onnx", lifted)] if lifted else [])
     result = {}
@@ -193,12 +199,26 @@ def _export_and_check(qmodel, lifted: list[str], samples, scratch: Path, opset: 
         set_bits(qmodel, lifted, 8)
         set_bits(qmodel, names16, 16)
         graph = export_qdq(qmodel, samples[0].feeds, scratch / name, opset)
-        engine = ort_engine.build(scratch / name)
-        fake = [torch_outputs(qmodel, s.feeds) for s in samples]
-        result[key] = {"file": name, "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
-                       "outputs": [f.to_dict() for f in fidelity(fake, [engine.run(s.feeds) for s in samples])]}
+        result[key] = _ort_agreement(qmodel, graph, scratch / name, samples)
+    # TensorRT: the int16 regions run in float, and Q/DQ follows its placement rules.
+    set_bits(qmodel, lifted, 8)
+    set_mode(qmodel, "off", lifted)
+    graph = export_qdq(qmodel, samples[0].feeds, scratch / TRT_FILE, opset)
+    graph, changes = tensorrt_flavour(graph)
+    onnx.save(graph, str(scratch / TRT_FILE))
+    result["tensorrt"] = {**_ort_agreement(qmodel, graph, scratch / TRT_FILE, samples), "changes": changes}
+    set_mode(qmodel, "quant", lifted)
     set_bits(qmodel, lifted, 16)
     return result
+
+
+def _ort_agreement(qmodel, graph, path: Path, samples) -> dict:
+    from ..engines import ort as ort_engine
+
+    engine = ort_engine.build(path)
+    fake = [torch_outputs(qmodel, s.feeds) for s in samples]
+    return {"file": path.name, "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
+            "outputs": [f.to_dict() for f in fidelity(fake, [engine.run(s.feeds) for s in samples])]}
 
 
 def _describe(name: str, q) -> dict:
@@ -221,6 +241,8 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
         rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
                 for f in item["outputs"]]
         lines += [f"## ONNX Runtime on {item['file']} (opset {item['opset']}) vs the fake-quant PyTorch model", "",
+                  *([f"TensorRT edits: {item['changes']}; the int16 regions run in float here.", ""]
+                    if "changes" in item else []),
                   "Both quantize the same tensors with the same scales; they differ where fp32 summation order "
                   "moves a value across a rounding boundary, and ONNX saturates int8 at -128 where the fake-quant "
                   "model clips at -127.", "",

@@ -1,0 +1,123 @@
+"""The TensorRT flavour of a QDQ graph.
+
+TensorRT has no int16: a region the recipe keeps in int16 runs there in fp16
+(or fp32), so its Q/DQ pairs are removed and the region is a float island
+between int8 layers. TensorRT also expects Q/DQ placed the way its fusions
+read them:
+
+* one Q/DQ pair per quantized tensor: several consumers of one tensor (the
+  same query feeding sampling_offsets and attention_weights) share one pair;
+* the quantized inputs of an Add or a Concat share one scale, so the op can
+  run in int8 without rescaling each input: their pairs get the largest of
+  their scales (a wider range, never a clipped one).
+
+These are graph edits on the exported QDQ model; deploykit's ONNX Runtime
+engine runs the result like any other graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return values
+
+
+def _set_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
+            return
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            old = numpy_helper.to_array(n.attribute[0].t)
+            n.attribute[0].t.CopyFrom(numpy_helper.from_array(value.astype(old.dtype), name))
+            return
+    raise KeyError(name)
+
+
+def _pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """(QuantizeLinear, DequantizeLinear) pairs where the DQ reads the Q directly."""
+    q_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    return [(q_by_output[n.input[0]], n) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in q_by_output]
+
+
+def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+    for o in model.graph.output:
+        if o.name == old:
+            raise ValueError(f"cannot remove the Q/DQ pair producing graph output {old}")
+
+
+def _remove(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
+    ids = {id(n) for n in nodes}
+    keep = [n for n in model.graph.node if id(n) not in ids]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """Return (a TensorRT-ready copy of ``model``, what was changed). ``model`` is
+    best exported with the int16 quantizers off (deploykit's pipeline does), so it
+    stays at its own opset; int16 pairs still present are removed here."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    consts = _constants(model)
+    removed16, merged = 0, 0
+    # 1. int16 pairs become float islands.
+    doomed = []
+    for q, dq in _pairs(model):
+        if consts[q.input[2]].dtype == np.int16:
+            _rename_input(model, dq.output[0], q.input[0])
+            doomed += [q, dq]
+            removed16 += 1
+    _remove(model, doomed)
+    # 2. One pair per tensor: consumers of duplicate pairs (same tensor, scale and axis) share the first.
+    doomed, seen = [], {}
+    for q, dq in _pairs(model):
+        key = (q.input[0], consts[q.input[1]].tobytes(), tuple((a.name, a.i) for a in q.attribute))
+        if key in seen:
+            _rename_input(model, dq.output[0], seen[key])
+            doomed += [q, dq]
+            merged += 1
+        else:
+            seen[key] = dq.output[0]
+    _remove(model, doomed)
+    # 3. Add / Concat inputs that are all dequantized share the largest scale.
+    dq_of = {dq.output[0]: (q, dq) for q, dq in _pairs(model)}
+    shared = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Add", "Concat") or not node.input:
+            continue
+        if not all(i in dq_of for i in node.input):
+            continue
+        pairs = [dq_of[i] for i in node.input]
+        scales = [consts[q.input[1]] for q, _ in pairs]
+        if any(s.size != 1 for s in scales) or len({float(s) for s in scales}) == 1:
+            continue
+        widest = max(scales, key=float)
+        for q, dq in pairs:
+            for name in {q.input[1], dq.input[1]}:
+                _set_constant(model, name, widest)
+        shared += 1
+    changes = {"int16_pairs_to_float": removed16, "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared}
+    return model, changes
+
+
+def duplicate_pairs(model: onnx.ModelProto) -> int:
+    per_tensor = defaultdict(int)
+    for q, _ in _pairs(model):
+        per_tensor[q.input[0]] += 1
+    return sum(c - 1 for c in per_tensor.values())
