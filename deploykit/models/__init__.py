@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..detection import decode
 from . import bevformer, centerpoint_pillar
 
 
@@ -27,6 +28,8 @@ class Architecture:
     make_sample: Callable[[Any, int, Any], Any]
     # (model, config, generator) -> None: architecture-specific stand-in weights
     synthetic_init: Callable[[Any, Any, torch.Generator], None]
+    # (config, outputs) -> deploykit.detection.decode.Boxes
+    decode: Callable[[Any, dict], Any]
 
 
 def _pillar_sample(cfg, seed, model):
@@ -55,6 +58,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         key_prefixes=("pts_voxel_encoder.", "pts_backbone.", "pts_neck.", "pts_bbox_head."),
         make_sample=_pillar_sample,
         synthetic_init=_centerpoint_init,
+        decode=decode.decode_centerpoint,
     ),
     "bevformer": Architecture(
         config=bevformer.BEVFormerConfig,
@@ -62,6 +66,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         key_prefixes=("img_backbone.", "img_neck.", "pts_bbox_head.transformer."),
         make_sample=_camera_sample,
         synthetic_init=bevformer.synthetic.synthetic_init,
+        decode=decode.decode_bevformer,
     ),
 }
 

@@ -32,7 +32,8 @@ from .. import __version__
 from ..artifacts import atomic_directory, ensure_writable, sha256_file, write_json
 from ..checkpoint import load_state_dict
 from ..errors import InputError
-from ..models import build_model, make_sample
+from ..detection.agreement import agreement
+from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, console
 from ..recipe import REPO_ROOT, Recipe, load_recipe
@@ -144,12 +145,15 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
         references = [torch_outputs(model, s.feeds) for s in samples]
         set_mode(qmodel, "quant", active)
-        report = {"int8": [f.to_dict() for f in fidelity(references, [torch_outputs(qmodel, s.feeds)
-                                                                        for s in samples])]}
-        if lifted:
-            set_bits(qmodel, lifted, 16)
-            report["int8_int16"] = [f.to_dict() for f in fidelity(references, [torch_outputs(qmodel, s.feeds)
-                                                                                for s in samples])]
+        decode = ARCHITECTURES[recipe.arch].decode
+        float_boxes = [decode(recipe.model, r) for r in references]
+        report, detection = {}, {}
+        for key, names16 in [("int8", [])] + ([("int8_int16", lifted)] if lifted else []):
+            set_bits(qmodel, names16, 16)
+            outs = [torch_outputs(qmodel, s.feeds) for s in samples]
+            report[key] = [f.to_dict() for f in fidelity(references, outs)]
+            detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in outs])
+        report["detection_agreement"] = detection
     with atomic_directory(out, overwrite=overwrite) as scratch:
         with steps.step("export QDQ ONNX and run it in ONNX Runtime"):
             report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, scratch,
@@ -237,6 +241,12 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
             rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
                     for f in report[key]]
             lines += [f"## {title}", "", markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows), ""]
+    for key, det in report.get("detection_agreement", {}).items():
+        rows = [[thr, f"{v['recall']:.3f}", f"{v['precision']:.3f}"] for thr, v in det["by_threshold"].items()]
+        lines += [f"## Detection agreement, {key.replace('_', ' + ')} vs float", "",
+                  f"{det['candidate_boxes']} quantized boxes against {det['reference_boxes']} float boxes "
+                  "(decoded without NMS), matched per class by centre distance.", "",
+                  markdown_table(["distance", "recall", "precision"], rows), ""]
     for key, item in report.get("onnxruntime_vs_fake_quant", {}).items():
         rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
                 for f in item["outputs"]]

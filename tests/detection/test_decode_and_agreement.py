@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from deploykit.detection.agreement import agreement, match_count
+from deploykit.detection.decode import Boxes, decode_bevformer, decode_centerpoint
+
+
+def test_bevformer_decode_follows_nms_free_coder(bev_recipe):
+    cfg = bev_recipe.model
+    cls = np.full((1, 4, 3), -10.0, np.float32)
+    cls[0, 2, 1] = 3.0  # best: query 2, class 1
+    cls[0, 0, 2] = 1.0
+    bbox = np.zeros((1, 4, 10), np.float32)
+    bbox[0, 2] = [5.0, -3.0, np.log(2.0), np.log(4.0), 0.5, np.log(1.5), 1.0, 0.0, 0.1, 0.2]
+    bbox[0, 0, :2] = [500.0, 0.0]  # outside post_center_range
+    boxes = decode_bevformer(cfg, {"cls_scores": cls, "bbox_preds": bbox}, max_num=2)
+    assert len(boxes) == 1 and boxes.labels.tolist() == [1]
+    np.testing.assert_allclose(boxes.centers[0], [5.0, -3.0, 0.5])
+    np.testing.assert_allclose(boxes.dims[0], [2.0, 4.0, 1.5], rtol=1e-6)
+    assert boxes.yaw[0] == pytest.approx(np.pi / 2)  # atan2(sin=1, cos=0)
+    assert boxes.scores[0] == pytest.approx(1 / (1 + np.exp(-3.0)))
+
+
+def test_centerpoint_decode_puts_peaks_in_metres(small_recipe):
+    cfg = small_recipe.model
+    v, stride = cfg.voxelization, cfg.output_stride
+    outputs = {}
+    for t, task in enumerate(cfg.head.tasks):
+        h = w = v.grid_size[0] // stride
+        heat = np.full((1, len(task.class_names), h, w), -10.0, np.float32)
+        outputs.update({f"task{t}.heatmap": heat, f"task{t}.reg": np.zeros((1, 2, h, w), np.float32),
+                        f"task{t}.height": np.zeros((1, 1, h, w), np.float32),
+                        f"task{t}.dim": np.zeros((1, 3, h, w), np.float32),
+                        f"task{t}.rot": np.zeros((1, 2, h, w), np.float32),
+                        f"task{t}.vel": np.zeros((1, 2, h, w), np.float32)})
+    outputs["task1.heatmap"][0, 1, 3, 5] = 4.0  # task 1, its second class
+    outputs["task1.reg"][0, :, 3, 5] = [0.25, 0.5]
+    outputs["task1.rot"][0, :, 3, 5] = [0.0, -1.0]
+    boxes = decode_centerpoint(cfg, outputs)
+    assert len(boxes) == 1
+    assert boxes.labels[0] == len(cfg.head.tasks[0].class_names) + 1
+    x = (5 + 0.25) * stride * v.voxel_size[0] + v.point_cloud_range[0]
+    y = (3 + 0.5) * stride * v.voxel_size[1] + v.point_cloud_range[1]
+    np.testing.assert_allclose(boxes.centers[0], [x, y, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(boxes.dims[0], [1.0, 1.0, 1.0])
+    assert boxes.yaw[0] == pytest.approx(np.pi)
+
+
+def _boxes(centers, labels, scores=None):
+    c = np.asarray(centers, np.float64)
+    n = len(c)
+    return Boxes(c, np.ones((n, 3)), np.zeros(n), np.asarray(scores if scores is not None else np.ones(n)),
+                 np.asarray(labels))
+
+
+def test_agreement_matches_by_class_and_distance_one_to_one():
+    ref = _boxes([[0, 0, 0], [10, 0, 0]], [0, 1])
+    same = agreement([ref], [ref])["by_threshold"]
+    assert all(v == {"recall": 1.0, "precision": 1.0} for v in same.values())
+    moved = _boxes([[0.7, 0, 0], [10, 0, 0]], [0, 1])
+    assert match_count(ref, moved, 0.5) == 1 and match_count(ref, moved, 1.0) == 2
+    wrong_class = _boxes([[0, 0, 0]], [1])
+    assert match_count(ref, wrong_class, 4.0) == 0
+    # Two candidates near one reference: only the higher-scored one matches.
+    two = _boxes([[0.1, 0, 0], [0.2, 0, 0]], [0, 0], scores=[0.2, 0.9])
+    res = agreement([ref], [two])["by_threshold"]["0.5m"]
+    assert res == {"recall": 0.5, "precision": 0.5}
+
+
+def test_quantize_reports_detection_agreement(bev_quantized_dir):
+    report = json.loads((bev_quantized_dir / "fidelity.json").read_text())["detection_agreement"]
+    for key in ("int8", "int8_int16"):
+        by = report[key]["by_threshold"]
+        assert list(by) == ["0.5m", "1m", "2m", "4m"]
+        recalls = [v["recall"] for v in by.values()]
+        assert recalls == sorted(recalls) and recalls[-1] > 0.9
