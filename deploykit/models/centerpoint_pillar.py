@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Concat
+
 
 @dataclass(frozen=True)
 class VoxelizationConfig:
@@ -232,10 +234,11 @@ class SECONDFPN(nn.Module):
                 up = nn.Conv2d(c_in, c_out, k, stride=k, bias=False)
             deblocks.append(nn.Sequential(up, _bn(c_out, cfg.bn_eps), nn.ReLU(inplace=True)))
         self.deblocks = nn.ModuleList(deblocks)
+        self.concat = Concat(1)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         ups = [deblock(f) for deblock, f in zip(self.deblocks, feats)]
-        return torch.cat(ups, dim=1) if len(ups) > 1 else ups[0]
+        return self.concat(*ups) if len(ups) > 1 else ups[0]
 
 
 class ConvModule(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.centerpoint_pillar import PillarFeatureNet
+from ..models.layers import Concat
 from .common import replace_modules
 
 NAME = "pfn_linear_to_conv"
@@ -29,6 +30,7 @@ class ConvPFNLayer(nn.Module):
         self.num_points = num_points
         self.points_axis = 3
         self.reduce = "max"
+        self.concat = Concat(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(x)))
@@ -39,7 +41,7 @@ class ConvPFNLayer(nn.Module):
             x_max = F.max_pool2d(x, kernel_size=kernel, stride=kernel)
         if self.last_vfe:
             return x_max
-        return torch.cat([x, x_max.expand_as(x)], dim=1)
+        return self.concat(x, x_max.expand_as(x))
 
 
 class ConvPillarFeatureNet(nn.Module):

@@ -39,6 +39,7 @@ class VirtualBEVSpatialCrossAttention(nn.Module):
         self.num_cams = sca.num_cams
         self.deformable_attention = sca.deformable_attention
         self.output_proj = sca.output_proj
+        self.residual = sca.residual
         self.virtual_shape = (plan.virtual_h, plan.virtual_w)
         self.coverage = plan.coverage
         num_cams, num_queries = plan.kept.shape
@@ -75,7 +76,7 @@ class VirtualBEVSpatialCrossAttention(nn.Module):
         gathered = flat[:, self.scatter_index[0]]
         for k in range(1, self.scatter_index.shape[0]):
             gathered = gathered + flat[:, self.scatter_index[k]]
-        return self.output_proj(gathered / self.count[:, None]) + query
+        return self.residual(self.output_proj(gathered / self.count[:, None]), query)
 
 
 def plan_for(model: nn.Module, encoder: BEVFormerEncoder) -> VirtualBEV:

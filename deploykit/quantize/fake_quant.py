@@ -190,3 +190,16 @@ class QuantInputs(nn.Module):
     def forward(self, *args):
         args = [getattr(self, f"{n}_quantizer")(a) if n else a for n, a in zip(self.names, args)]
         return self.inner(*args)
+
+
+class SharedQuantInput(nn.Module):
+    """One quantizer for every input of an add or concat: int8 kernels for them
+    need a common scale, and calibrating it on all inputs gives the widest range."""
+
+    def __init__(self, inner: nn.Module, method: str):
+        super().__init__()
+        self.inner = inner
+        self.input_quantizer = TensorQuantizer(method=method)
+
+    def forward(self, *args):
+        return self.inner(*(self.input_quantizer(a) for a in args))

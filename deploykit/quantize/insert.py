@@ -2,7 +2,9 @@
 
 Conv, ConvTranspose and Linear layers get an input and a per-channel weight
 quantizer; parameter-free custom ops and deformable-attention samplers get a
-quantizer on each float input (the int8 tensors an NPU kernel would read).
+quantizer on each float input (the int8 tensors an NPU kernel would read);
+residual adds and feature concats (deploykit.models.layers) get one quantizer
+shared by all their inputs, since an int8 add or concat needs a common scale.
 Every quantizer is named by its module path, e.g.
 ``pts_bbox_head.transformer.encoder.layers.0.attentions.0.sampling_offsets.input_quantizer``,
 and recipes lift quantizers to int16 with shell-style patterns of those names.
@@ -16,7 +18,15 @@ import fnmatch
 
 from torch import nn
 
-from .fake_quant import MODES, QuantConv2d, QuantConvTranspose2d, QuantInputs, QuantLinear, TensorQuantizer
+from .fake_quant import (MODES, QuantConv2d, QuantConvTranspose2d, QuantInputs, QuantLinear, SharedQuantInput,
+                         TensorQuantizer)
+
+
+def _shared_input(module: nn.Module) -> bool:
+    """Ops whose inputs must share one scale in int8 (add, concat): one quantizer for all."""
+    from ..models.layers import Add, Concat
+
+    return isinstance(module, (Add, Concat))
 
 
 def _input_names(module: nn.Module) -> tuple[str, ...] | None:
@@ -43,6 +53,8 @@ def insert_quantizers(model: nn.Module, method: str = "max") -> nn.Module:
             new = QuantConvTranspose2d.from_float(module, method)
         elif kind is nn.Linear:
             new = QuantLinear.from_float(module, method)
+        elif _shared_input(module):
+            new = SharedQuantInput(module, method)
         elif (names := _input_names(module)) is not None:
             new = QuantInputs(module, names, method)
         else:

@@ -58,12 +58,15 @@ def test_quantize_writes_runnable_qdq_models(bev_quantized_dir):
     out = bev_quantized_dir
     manifest = json.loads((out / "manifest.json").read_text())
     active = manifest["quantizers"]["active"]
+    names = [q["name"] for q in json.loads((out / "quantizers.json").read_text())]
+    # A residual add's shared quantizer quantizes both of its inputs: two pairs, one scale.
+    pairs = active + sum(n.endswith(".residual.input_quantizer") for n in names)
     int8 = onnx.load(str(out / "model.int8.qdq.onnx"))
     mixed = onnx.load(str(out / "model.qdq.onnx"))
     for graph in (int8, mixed):
-        # One Q/DQ pair per active quantizer, weights included (no constant folding of weight Q/DQ).
-        assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) == active
-        assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) == active
+        # One Q/DQ pair per quantized tensor, weights included (no constant folding of weight Q/DQ).
+        assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) == pairs
+        assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) == pairs
         assert sum(n.op_type == "MultiScaleDeformableAttn" for n in graph.graph.node) == 6
     assert int16_nodes(int8) == 0 and int8.opset_import[0].version == 17
     assert int16_nodes(mixed) == manifest["quantizers"]["int16"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...ops import multi_scale_deformable_attn as msda
+from ..layers import Add
 
 
 def level_tensors(shapes: list[tuple[int, int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,7 @@ class TemporalSelfAttention(nn.Module):
         self.output_proj = nn.Linear(embed_dims, embed_dims)
         self.sampler = Sampler()
         self.queue_reduce = QueueMean(num_bev_queue)
+        self.residual = Add()
 
     def forward(self, query, value, query_pos, reference_points, bev_shape: tuple[int, int]):
         """query (bs, Q, C); value (bs*queue, Q, C) = [previous BEV, current]; reference_points (bs*queue, Q, 1, 2)."""
@@ -82,7 +84,7 @@ class TemporalSelfAttention(nn.Module):
         locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer(shapes)[None, None, None, :, None, :]
         spatial, starts = level_tensors(shapes)
         out = self.sampler(value, spatial, starts, locations, weights)
-        return self.output_proj(self.queue_reduce(out)) + identity
+        return self.residual(self.output_proj(self.queue_reduce(out)), identity)
 
 
 class _DeformableProjections(nn.Module):
@@ -141,6 +143,7 @@ class SpatialCrossAttention(nn.Module):
         self.num_cams = num_cams
         self.deformable_attention = deformable_attention
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self.residual = Add()
 
     def forward(self, query, value, reference_points_cam, bev_mask, shapes: list[tuple[int, int]]):
         """query (bs, Q, C); value (N, L, bs, C); reference_points_cam (N, bs, Q, D, 2); bev_mask (N, bs, Q, D)."""
@@ -153,7 +156,7 @@ class SpatialCrossAttention(nn.Module):
         visible = (bev_mask.sum(-1) > 0).transpose(0, 1).to(out.dtype)  # (bs, N, Q)
         slots = (out * visible[..., None]).sum(1)
         count = visible.sum(1).clamp(min=1.0)
-        return self.output_proj(slots / count[..., None]) + query
+        return self.residual(self.output_proj(slots / count[..., None]), query)
 
 
 class CustomMSDeformableAttention(_DeformableProjections):
@@ -162,6 +165,7 @@ class CustomMSDeformableAttention(_DeformableProjections):
     def __init__(self, embed_dims: int, num_heads: int, num_levels: int, num_points: int):
         super().__init__(embed_dims, num_heads, num_levels, num_points)
         self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self.residual = Add()
 
     def forward(self, query, value, query_pos, reference_points, shapes: list[tuple[int, int]]):
         """query (nq, bs, C); value (L, bs, C); reference_points (bs, nq, levels, 2)."""
@@ -170,7 +174,7 @@ class CustomMSDeformableAttention(_DeformableProjections):
         locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer(shapes)[None, None, None, :, None, :]
         spatial, starts = level_tensors(shapes)
         out = self.sampler(value, spatial, starts, locations, weights)
-        return self.output_proj(out).permute(1, 0, 2) + identity
+        return self.residual(self.output_proj(out).permute(1, 0, 2), identity)
 
 
 class MultiheadAttention(nn.Module):
@@ -179,10 +183,11 @@ class MultiheadAttention(nn.Module):
     def __init__(self, embed_dims: int, num_heads: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(embed_dims, num_heads)
+        self.residual = Add()
 
     def forward(self, query, query_pos):
         q = query + query_pos
-        return query + self.attn(q, q, query, need_weights=False)[0]
+        return self.residual(query, self.attn(q, q, query, need_weights=False)[0])
 
 
 class FFN(nn.Module):
@@ -193,6 +198,7 @@ class FFN(nn.Module):
         self.layers = nn.Sequential(
             nn.Sequential(nn.Linear(embed_dims, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(0.0)),
             nn.Linear(feedforward_channels, embed_dims), nn.Dropout(0.0))
+        self.residual = Add()
 
     def forward(self, x):
-        return x + self.layers(x)
+        return self.residual(x, self.layers(x))
