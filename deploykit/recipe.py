@@ -52,6 +52,9 @@ class CheckSpec:
 class QuantizeSpec:
     # Activation range calibrator: max, percentile, entropy or mse (weights: per-channel max).
     calibrator: str = "max"
+    # Per-quantizer exceptions, pattern -> calibrator: e.g. raw network inputs (pillar
+    # coordinates in metres) want "max", where entropy would clip them.
+    calibrator_overrides: dict[str, str] = field(default_factory=dict)
     # Shell-style patterns of quantizer names lifted to int16 (see `deploykit quantize --list`).
     int16: tuple[str, ...] = ()
     calib_samples: int = 16
@@ -63,8 +66,9 @@ class QuantizeSpec:
 
     def __post_init__(self):
         methods = ("max", "percentile", "entropy", "mse")
-        if self.calibrator not in methods:
-            raise ValueError(f"calibrator '{self.calibrator}' is not one of {', '.join(methods)}")
+        for name in (self.calibrator, *self.calibrator_overrides.values()):
+            if name not in methods:
+                raise ValueError(f"calibrator '{name}' is not one of {', '.join(methods)}")
         if self.calib_samples < 1 or self.frames_per_scene < 1:
             raise ValueError("calib_samples and frames_per_scene must be at least 1")
 

@@ -42,8 +42,9 @@ def _input_names(module: nn.Module) -> tuple[str, ...] | None:
     return None
 
 
-def insert_quantizers(model: nn.Module, method: str = "max") -> nn.Module:
-    """A deep copy of ``model`` with quantizers (mode "off": it still computes in float)."""
+def insert_quantizers(model: nn.Module, method: str = "max", overrides: dict[str, str] | None = None) -> nn.Module:
+    """A deep copy of ``model`` with quantizers (mode "off": it still computes in float).
+    ``overrides`` maps quantizer-name patterns to another activation calibrator."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         kind = type(module)
@@ -63,6 +64,9 @@ def insert_quantizers(model: nn.Module, method: str = "max") -> nn.Module:
         setattr(model.get_submodule(parent) if parent else model, attr, new)
     for name, q in quantizers(model).items():
         q.qname = name
+        for pattern, other in (overrides or {}).items():
+            if fnmatch.fnmatch(name, pattern):
+                q.method = other
     return model
 
 

@@ -122,7 +122,7 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
         folded, num_folded = fold_batchnorms(model)
-        qmodel = insert_quantizers(folded, recipe.quantize.calibrator)
+        qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)
         unused = calibrate(qmodel, recipe, calib_set, quiet=quiet)
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)

@@ -145,3 +145,23 @@ def test_quantize_bevformer_with_temporal_calibration(bev_recipe, bev_quantized_
     assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "fidelity.md", "manifest.json",
                                                      "model.int8.qdq.onnx", "model.qdq.onnx", "model.trt.qdq.onnx",
                                                      "quant_state.safetensors", "quantizers.json"]
+
+
+def test_entropy_clips_raw_pillar_inputs_unless_overridden(small_recipe, converted_dir, tmp_path):
+    # Decorated pillars carry coordinates in metres next to near-zero offsets, and the PFN's
+    # per-point features have a long tail that the pillar max keeps: entropy calibration clips
+    # them and wrecks the model; max on the pillar encoder's quantizers fixes it.
+    from deploykit.quantize.fold_bn import fold_batchnorms
+
+    model, _ = load_converted(small_recipe, converted_dir)
+    calib = load_calib_set(build_calib_set(small_recipe, tmp_path / "c", samples=2))
+    sample = make_sample(small_recipe, 1000, model)
+    ref = [torch_outputs(model, sample.feeds)]
+    worst = {}
+    for label, overrides in (("entropy", {}), ("entropy + max input", {"pts_voxel_encoder.*": "max",
+                                                                              "pts_middle_encoder.*": "max"})):
+        q = insert_quantizers(fold_batchnorms(model)[0], "entropy", overrides)
+        unused = calibrate(q, small_recipe, calib, quiet=True)
+        set_mode(q, "quant", [n for n in quantizers(q) if n not in unused])
+        worst[label] = min(f.sqnr_db for f in fidelity(ref, [torch_outputs(q, sample.feeds)]))
+    assert worst["entropy"] < 5 and worst["entropy + max input"] > worst["entropy"] + 5, worst
