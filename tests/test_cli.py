@@ -101,3 +101,24 @@ def test_calib_builds_a_set_and_refuses_an_existing_dir(cli, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000000.npz", "000001.npz", "calib.json"]
     result = cli.invoke(main, ["calib", "--recipe", "centerpoint_pillar_small", "--out", str(out), "-n", "2"])
     assert result.exit_code == 5 and "exists" in result.output
+
+
+def test_quantize_bad_inputs_get_clear_errors(cli, tmp_path, converted_dir, bev_converted_dir):
+    # A converted model of another recipe.
+    result = cli.invoke(main, ["quantize", "-r", "bevformer_small", "-m", str(converted_dir), "-o", str(tmp_path / "a")])
+    assert result.exit_code == 6 and "converted with recipe 'centerpoint_pillar_small'" in result.output
+    # Calibration data made for another recipe.
+    calib = tmp_path / "calib"
+    assert cli.invoke(main, ["calib", "-r", "bevformer_small", "-o", str(calib), "-n", "1"]).exit_code == 0
+    result = cli.invoke(main, ["quantize", "-r", "centerpoint_pillar_small", "-m", str(converted_dir),
+                               "-o", str(tmp_path / "b"), "--calib", str(calib)])
+    assert result.exit_code == 6 and "made for recipe 'bevformer_small'" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantize_warns_on_an_override_that_matches_nothing(cli, tmp_path, converted_dir):
+    result = cli.invoke(main, ["quantize", "-r", "centerpoint_pillar_small", "-m", str(converted_dir),
+                               "-o", str(tmp_path / "q"), "--int16", "*pts_backbone.blocks.0.0.input_quantizr"])
+    assert result.exit_code == 0, result.output
+    assert "matches no quantizer" in result.output and "pts_backbone.blocks.0.0.input_quantizer" in result.output
+    assert "int8: worst output" in result.output

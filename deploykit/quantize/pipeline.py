@@ -129,7 +129,7 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
     matches, warnings = match_patterns(qmodel, patterns)
     for w in warnings:
         if not quiet:
-            console().print(f"[yellow]warning:[/yellow] {w}")
+            console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     lifted = sorted({n for names in matches.values() for n in names})
     search = None
     if int16_sensitive:
