@@ -14,22 +14,15 @@ bootstrap intervals. Writes benchmarks/results/lidar_rewrites.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import sys
-import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import run  # benchmarks/common.py also puts the repository on sys.path
 
-from deploykit.artifacts import write_json  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
-from deploykit.bench import compare_engines, machine_info  # noqa: E402
-from deploykit.engines.ort import build, default_threads  # noqa: E402
+from deploykit.bench import compare_engines  # noqa: E402
+from deploykit.engines.ort import build  # noqa: E402
 from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
 from deploykit.samples import torch_outputs  # noqa: E402
 from deploykit.passes import apply_passes  # noqa: E402
@@ -37,7 +30,6 @@ from deploykit.preprocess.pillar_inputs import sample_inputs  # noqa: E402
 from deploykit.recipe import load_recipe  # noqa: E402
 from deploykit.report import ratio_rows_markdown, speedup_plot  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_ROUNDS = {"centerpoint_pillar_small": 60, "centerpoint_pillar_nus": 12}
 SAMPLE_SEED = 2000
 
@@ -122,25 +114,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="centerpoint_pillar_small,centerpoint_pillar_nus")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds per table (default per recipe)")
-    parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    import onnxruntime
-
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        recipes = [bench_recipe(n, args.rounds or DEFAULT_ROUNDS.get(n, 20), args.threads, Path(tmp))
-                   for n in args.recipes.split(",")]
-    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
-              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}, "recipes": recipes}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "lidar_rewrites.json", report)
-    plot(report, args.out / "lidar_rewrites.png")
-    (args.out / "lidar_rewrites.md").write_text(to_markdown(report))
-    print((args.out / "lidar_rewrites.md").read_text())
+    run(__doc__, "lidar_rewrites", "centerpoint_pillar_small,centerpoint_pillar_nus", DEFAULT_ROUNDS, 20, bench_recipe, to_markdown, plot)
 
 
 if __name__ == "__main__":

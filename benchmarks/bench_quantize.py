@@ -11,27 +11,18 @@ and cosine against the float model). Writes benchmarks/results/quantize.{md,json
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import run  # benchmarks/common.py also puts the repository on sys.path
 
-from deploykit.artifacts import write_json  # noqa: E402
-from deploykit.bench import compare_engines, machine_info  # noqa: E402
-from deploykit.engines.ort import default_threads  # noqa: E402
+from deploykit.bench import compare_engines  # noqa: E402
 from deploykit.export import convert  # noqa: E402
 from deploykit.quantize.pipeline import quantize  # noqa: E402
 from deploykit.report import ratio_rows_markdown  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_ROUNDS = {"centerpoint_pillar_small": 40, "bevformer_small": 40, "centerpoint_pillar_nus": 12,
                   "bevformer_tiny": 8}
 
@@ -81,24 +72,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="centerpoint_pillar_small,bevformer_small,centerpoint_pillar_nus")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    import onnxruntime
-
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        recipes = [bench_recipe(n, args.rounds or DEFAULT_ROUNDS.get(n, 10), args.threads, Path(tmp))
-                   for n in args.recipes.split(",")]
-    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
-              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}, "recipes": recipes}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "quantize.json", report)
-    (args.out / "quantize.md").write_text(to_markdown(report))
-    print((args.out / "quantize.md").read_text())
+    run(__doc__, "quantize", "centerpoint_pillar_small,bevformer_small,centerpoint_pillar_nus", DEFAULT_ROUNDS, 10, bench_recipe, to_markdown)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""What every benchmark script shares: its command line and how it writes results.
+
+A script provides ``bench_recipe(name, rounds, threads, workdir) -> dict``, a
+markdown renderer and optionally a plot; ``run`` times each recipe, wraps the
+results with the machine, thread count and versions, and writes
+``benchmarks/results/<stem>.{json,md[,png]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deploykit.artifacts import write_json  # noqa: E402
+from deploykit.bench import machine_info  # noqa: E402
+from deploykit.engines.ort import default_threads  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def run(doc: str, stem: str, default_recipes: str, default_rounds: dict[str, int], fallback_rounds: int,
+        bench_recipe: Callable, to_markdown: Callable, plot: Callable | None = None) -> None:
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--recipes", default=default_recipes)
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per table (default per recipe)")
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import onnxruntime
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        recipes = [bench_recipe(n, args.rounds or default_rounds.get(n, fallback_rounds), args.threads, Path(tmp))
+                   for n in args.recipes.split(",")]
+    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
+              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}, "recipes": recipes}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"{stem}.json", report)
+    if plot is not None:
+        plot(report, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    print((args.out / f"{stem}.md").read_text())
