@@ -24,6 +24,7 @@ import onnx
 import onnx.inliner
 
 from ..errors import EngineError, InputError
+from ..onnx_graph import int16_quantize_nodes
 from ..ops import CUSTOM_OPS, DOMAIN, OPSET_VERSION
 from . import CUSTOM_OP_MODES, TensorSpec
 
@@ -85,13 +86,7 @@ def _disabled_optimizers(model: onnx.ModelProto) -> list[str]:
     Transpose with a uint8 zero point ("output_dtype INT8 does not match
     y_zero_point type UINT8") and the session fails to load; int8 models are
     unaffected, so it is disabled only where int16 Q/DQ is present."""
-    int16 = onnx.TensorProto.INT16
-    consts = {t.name: t.data_type for t in model.graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    has_int16 = any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and consts.get(n.input[2]) == int16
-                    for n in model.graph.node)
-    return ["QDQPropagationTransformer"] if has_int16 else []
+    return ["QDQPropagationTransformer"] if int16_quantize_nodes(model.graph) else []
 
 
 def _set_opset(model: onnx.ModelProto, domain: str, version: int) -> None:

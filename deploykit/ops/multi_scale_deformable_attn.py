@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 
+from ..onnx_graph import constant_tensors, constant_value
 from .autograd import recompute_backward, save_inputs
 from .onnx_builder import NodeBuilder
 
@@ -106,14 +106,11 @@ def lowering_nodes(b: NodeBuilder, inputs: list[str], output: str, shapes: list[
 
 def node_signature(node: onnx.NodeProto, graph: onnx.GraphProto) -> tuple[list, list, tuple]:
     """Static shapes, level starts and dims of one node, read from the graph."""
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = constant_tensors(graph)
     if node.input[1] not in consts or node.input[2] not in consts:
         raise ValueError(f"{node.name}: spatial_shapes and level_start_index must be constants to lower the op")
-    shapes = [tuple(int(v) for v in hw) for hw in np.asarray(consts[node.input[1]]).reshape(-1, 2)]
-    starts = [int(v) for v in np.asarray(consts[node.input[2]]).reshape(-1)]
+    shapes = [tuple(int(v) for v in hw) for hw in constant_value(consts, node.input[1]).reshape(-1, 2)]
+    starts = [int(v) for v in constant_value(consts, node.input[2]).reshape(-1)]
     typed = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
 
     def shape(name):

@@ -18,23 +18,16 @@ import onnx.version_converter
 
 from ..errors import ExportError
 from ..export import export_onnx
+from ..onnx_graph import int16_quantize_nodes
 
 INT16_OPSET = 21
-
-
-def int16_nodes(model: onnx.ModelProto) -> int:
-    consts = {t.name: t.data_type for t in model.graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t.data_type for n in model.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
-    return sum(n.op_type == "QuantizeLinear" and consts.get(n.input[2]) == onnx.TensorProto.INT16
-               for n in model.graph.node)
 
 
 def export_qdq(qmodel, feeds, path: Path, opset: int) -> onnx.ModelProto:
     # Per-channel QuantizeLinear (the axis attribute) needs opset 13.
     export_onnx(qmodel, feeds, path, max(opset, 13))
     model = onnx.load(str(path))
-    if int16_nodes(model):
+    if int16_quantize_nodes(model.graph):
         try:
             model = onnx.version_converter.convert_version(model, INT16_OPSET)
         except Exception as exc:  # noqa: BLE001 - the converter raises bare RuntimeErrors

@@ -21,28 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            values[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return values
-
-
-def _set_constant(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
-    for t in model.graph.initializer:
-        if t.name == name:
-            t.CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(t).dtype), name))
-            return
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            old = numpy_helper.to_array(n.attribute[0].t)
-            n.attribute[0].t.CopyFrom(numpy_helper.from_array(value.astype(old.dtype), name))
-            return
-    raise KeyError(name)
+from ..onnx_graph import constant_tensors, constant_value, set_constant
 
 
 def _pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
@@ -74,12 +54,12 @@ def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     best exported with the int16 quantizers off (deploykit's pipeline does), so it
     stays at its own opset; int16 pairs still present are removed here."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    consts = _constants(model)
+    consts = constant_tensors(model.graph)
     removed16, merged = 0, 0
     # 1. int16 pairs become float islands.
     doomed = []
     for q, dq in _pairs(model):
-        if consts[q.input[2]].dtype == np.int16:
+        if constant_value(consts, q.input[2]).dtype == np.int16:
             _rename_input(model, dq.output[0], q.input[0])
             doomed += [q, dq]
             removed16 += 1
@@ -87,7 +67,7 @@ def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     # 2. One pair per tensor: consumers of duplicate pairs (same tensor, scale and axis) share the first.
     doomed, seen = [], {}
     for q, dq in _pairs(model):
-        key = (q.input[0], consts[q.input[1]].tobytes(), tuple((a.name, a.i) for a in q.attribute))
+        key = (q.input[0], constant_value(consts, q.input[1]).tobytes(), tuple((a.name, a.i) for a in q.attribute))
         if key in seen:
             _rename_input(model, dq.output[0], seen[key])
             doomed += [q, dq]
@@ -104,13 +84,13 @@ def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         if not all(i in dq_of for i in node.input):
             continue
         pairs = [dq_of[i] for i in node.input]
-        scales = [consts[q.input[1]] for q, _ in pairs]
+        scales = [constant_value(consts, q.input[1]) for q, _ in pairs]
         if any(s.size != 1 for s in scales) or len({float(s) for s in scales}) == 1:
             continue
         widest = max(scales, key=float)
         for q, dq in pairs:
             for name in {q.input[1], dq.input[1]}:
-                _set_constant(model, name, widest)
+                set_constant(consts, name, widest)
         shared += 1
     changes = {"int16_pairs_to_float": removed16, "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared}
     return model, changes

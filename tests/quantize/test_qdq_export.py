@@ -8,7 +8,7 @@ from torch import nn
 
 from deploykit.engines import ort
 from deploykit.quantize.insert import insert_quantizers, quantizers, set_bits, set_mode
-from deploykit.quantize.qdq_export import int16_nodes
+from deploykit.onnx_graph import int16_quantize_nodes
 
 
 class Block(nn.Module):
@@ -41,7 +41,7 @@ def test_one_layer_matches_fake_quant_to_fp32_rounding(tmp_path, bits):
 
     graph = export_qdq(model, {"x": x.numpy()}, tmp_path / "b.onnx", 17)
     assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) == 4
-    assert int16_nodes(graph) == (4 if bits == 16 else 0)
+    assert int16_quantize_nodes(graph.graph) == (4 if bits == 16 else 0)
     assert graph.opset_import[0].version == (21 if bits == 16 else 17)
     with torch.no_grad():
         ref = model(x)[0].numpy()
@@ -68,8 +68,8 @@ def test_quantize_writes_runnable_qdq_models(bev_quantized_dir):
         assert sum(n.op_type == "QuantizeLinear" for n in graph.graph.node) == pairs
         assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) == pairs
         assert sum(n.op_type == "MultiScaleDeformableAttn" for n in graph.graph.node) == 6
-    assert int16_nodes(int8) == 0 and int8.opset_import[0].version == 17
-    assert int16_nodes(mixed) == manifest["quantizers"]["int16"]
+    assert int16_quantize_nodes(int8.graph) == 0 and int8.opset_import[0].version == 17
+    assert int16_quantize_nodes(mixed.graph) == manifest["quantizers"]["int16"]
     assert {o.domain: o.version for o in mixed.opset_import}[""] == 21
     report = json.loads((out / "fidelity.json").read_text())["onnxruntime_vs_fake_quant"]
     for key in ("int8", "int8_int16"):

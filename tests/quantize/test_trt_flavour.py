@@ -5,7 +5,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.engines import ort
-from deploykit.quantize.qdq_export import int16_nodes
+from deploykit.onnx_graph import int16_quantize_nodes
 from deploykit.quantize.trt_flavour import _pairs, duplicate_pairs, tensorrt_flavour
 
 
@@ -35,10 +35,10 @@ def _graph():
 
 def test_rules_on_a_small_graph(tmp_path):
     model = _graph()
-    assert duplicate_pairs(model) == 2 and int16_nodes(model) == 1
+    assert duplicate_pairs(model) == 2 and int16_quantize_nodes(model.graph) == 1
     out, changes = tensorrt_flavour(model)
     assert changes == {"int16_pairs_to_float": 1, "duplicate_pairs_merged": 1, "add_concat_scales_shared": 1}
-    assert int16_nodes(out) == 0 and duplicate_pairs(out) == 0
+    assert int16_quantize_nodes(out.graph) == 0 and duplicate_pairs(out) == 0
     consts = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     cat = next(n for n in out.graph.node if n.op_type == "Concat")
     dq = {n.output[0]: n for n in out.graph.node if n.op_type == "DequantizeLinear"}
@@ -56,7 +56,7 @@ def test_rules_on_a_small_graph(tmp_path):
 def test_quantize_writes_a_tensorrt_flavour(bev_recipe, bev_quantized_dir):
     out = bev_quantized_dir
     graph = onnx.load(str(out / "model.trt.qdq.onnx"))
-    assert int16_nodes(graph) == 0 and duplicate_pairs(graph) == 0
+    assert int16_quantize_nodes(graph.graph) == 0 and duplicate_pairs(graph) == 0
     assert {o.domain: o.version for o in graph.opset_import}[""] == bev_recipe.convert.opset
     report = json.loads((out / "fidelity.json").read_text())["onnxruntime_vs_fake_quant"]["tensorrt"]
     # The same tensors as the fake-quant model with the int16 modules in float.
