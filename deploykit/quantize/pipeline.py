@@ -31,8 +31,9 @@ import torch
 from .. import __version__
 from ..artifacts import atomic_directory, ensure_writable, sha256_file, write_json
 from ..checkpoint import load_state_dict
-from ..errors import InputError
 from ..detection.agreement import agreement
+from ..errors import InputError
+from ..export import CHECK_SEED
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, console
@@ -47,7 +48,6 @@ from .sensitivity import markdown as sensitivity_markdown
 from .sensitivity import plot as sensitivity_plot
 
 CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
-CHECK_SEED = 1000  # the samples convert checked with
 SEARCH_SEED = 1100  # samples the int16 search chooses on
 TRT_FILE = "model.trt.qdq.onnx"
 
@@ -147,16 +147,16 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         set_mode(qmodel, "quant", active)
         decode = ARCHITECTURES[recipe.arch].decode
         float_boxes = [decode(recipe.model, r) for r in references]
-        report, detection = {}, {}
+        report, detection, fake = {}, {}, {}
         for key, names16 in [("int8", [])] + ([("int8_int16", lifted)] if lifted else []):
             set_bits(qmodel, names16, 16)
-            outs = [torch_outputs(qmodel, s.feeds) for s in samples]
-            report[key] = [f.to_dict() for f in fidelity(references, outs)]
-            detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in outs])
+            fake[key] = [torch_outputs(qmodel, s.feeds) for s in samples]
+            report[key] = [f.to_dict() for f in fidelity(references, fake[key])]
+            detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in fake[key]])
         report["detection_agreement"] = detection
     with atomic_directory(out, overwrite=overwrite) as scratch:
         with steps.step("export QDQ ONNX and run it in ONNX Runtime"):
-            report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, scratch,
+            report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, fake, scratch,
                                                                    recipe.convert.opset)
         with steps.step("write quantized state, fidelity report and manifest"):
             from safetensors.torch import save_file
@@ -188,10 +188,11 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
     return QuantizeResult(out, report, warnings)
 
 
-def _export_and_check(qmodel, lifted: list[str], samples, scratch: Path, opset: int) -> dict:
+def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list], scratch: Path, opset: int) -> dict:
     """Write model.int8.qdq.onnx, model.qdq.onnx (with the int16 overrides) and
     model.trt.qdq.onnx, and compare ONNX Runtime on each with the fake-quant
-    PyTorch model configured the same way, on the check samples."""
+    PyTorch model configured the same way, on the check samples. ``fake`` holds
+    the fake-quant outputs the fidelity step already computed, per configuration."""
     import onnx
 
     from .qdq_export import export_qdq
@@ -203,24 +204,24 @@ def _export_and_check(qmodel, lifted: list[str], samples, scratch: Path, opset: 
         set_bits(qmodel, lifted, 8)
         set_bits(qmodel, names16, 16)
         graph = export_qdq(qmodel, samples[0].feeds, scratch / name, opset)
-        result[key] = _ort_agreement(qmodel, graph, scratch / name, samples)
+        result[key] = _ort_agreement(fake[key], graph, scratch / name, samples)
     # TensorRT: the int16 regions run in float, and Q/DQ follows its placement rules.
     set_bits(qmodel, lifted, 8)
     set_mode(qmodel, "off", lifted)
     graph = export_qdq(qmodel, samples[0].feeds, scratch / TRT_FILE, opset)
     graph, changes = tensorrt_flavour(graph)
     onnx.save(graph, str(scratch / TRT_FILE))
-    result["tensorrt"] = {**_ort_agreement(qmodel, graph, scratch / TRT_FILE, samples), "changes": changes}
+    trt_fake = [torch_outputs(qmodel, s.feeds) for s in samples]
+    result["tensorrt"] = {**_ort_agreement(trt_fake, graph, scratch / TRT_FILE, samples), "changes": changes}
     set_mode(qmodel, "quant", lifted)
     set_bits(qmodel, lifted, 16)
     return result
 
 
-def _ort_agreement(qmodel, graph, path: Path, samples) -> dict:
+def _ort_agreement(fake: list[dict], graph, path: Path, samples) -> dict:
     from ..engines import ort as ort_engine
 
     engine = ort_engine.build(path)
-    fake = [torch_outputs(qmodel, s.feeds) for s in samples]
     return {"file": path.name, "opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")),
             "outputs": [f.to_dict() for f in fidelity(fake, [engine.run(s.feeds) for s in samples])]}
 
@@ -231,6 +232,13 @@ def _describe(name: str, q) -> dict:
             "amax": amax if q.axis is None else {"min": min(amax), "max": max(amax), "channels": len(amax)}}
 
 
+def _fidelity_table(items: list[dict]) -> str:
+    from ..report import markdown_table
+
+    rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"] for f in items]
+    return markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows)
+
+
 def fidelity_markdown(recipe: str, report: dict) -> str:
     from ..report import markdown_table
 
@@ -238,23 +246,18 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
              "Fake-quant PyTorch model against the float model on the check samples (pooled).", ""]
     for key, title in (("int8", "int8 everywhere"), ("int8_int16", "int8 + int16 overrides")):
         if key in report:
-            rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
-                    for f in report[key]]
-            lines += [f"## {title}", "", markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows), ""]
+            lines += [f"## {title}", "", _fidelity_table(report[key]), ""]
     for key, det in report.get("detection_agreement", {}).items():
         rows = [[thr, f"{v['recall']:.3f}", f"{v['precision']:.3f}"] for thr, v in det["by_threshold"].items()]
         lines += [f"## Detection agreement, {key.replace('_', ' + ')} vs float", "",
                   f"{det['candidate_boxes']} quantized boxes against {det['reference_boxes']} float boxes "
                   "(decoded without NMS), matched per class by centre distance.", "",
                   markdown_table(["distance", "recall", "precision"], rows), ""]
-    for key, item in report.get("onnxruntime_vs_fake_quant", {}).items():
-        rows = [[f["name"], f"{f['sqnr_db']:.1f}", f"{f['cosine']:.6f}", f"{f['max_rel_error']:.2e}"]
-                for f in item["outputs"]]
+    for item in report.get("onnxruntime_vs_fake_quant", {}).values():
         lines += [f"## ONNX Runtime on {item['file']} (opset {item['opset']}) vs the fake-quant PyTorch model", "",
                   *([f"TensorRT edits: {item['changes']}; the int16 regions run in float here.", ""]
                     if "changes" in item else []),
                   "Both quantize the same tensors with the same scales; they differ where fp32 summation order "
                   "moves a value across a rounding boundary, and ONNX saturates int8 at -128 where the fake-quant "
-                  "model clips at -127.", "",
-                  markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows), ""]
+                  "model clips at -127.", "", _fidelity_table(item["outputs"]), ""]
     return "\n".join(lines)
