@@ -20,24 +20,16 @@ benchmarks/results/bevformer_rewrites.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import sys
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import run  # benchmarks/common.py also puts the repository on sys.path
 
-from deploykit.artifacts import write_json  # noqa: E402
-from deploykit.bench import compare_pairwise, machine_info  # noqa: E402
+from deploykit.bench import compare_pairwise  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
-from deploykit.engines.ort import build, default_threads  # noqa: E402
+from deploykit.engines.ort import build  # noqa: E402
 from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
 from deploykit.models import make_sample  # noqa: E402
 from deploykit.passes import apply_passes  # noqa: E402
@@ -46,7 +38,6 @@ from deploykit.recipe import load_recipe  # noqa: E402
 from deploykit.report import ratio_rows_markdown, speedup_plot  # noqa: E402
 from deploykit.samples import torch_outputs  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_SEED = 2001  # odd: a frame with a previous BEV, so TSA does its temporal work
 DEFAULT_ROUNDS = {"bevformer_small": 40, "bevformer_tiny": 16, "bevformer_npu": 6}
 STAGE_VARIANTS = [
@@ -155,13 +146,11 @@ def to_markdown(report: dict) -> str:
                 f"{cov['pillars_seen_by_no_camera']} pillars seen by no camera.", ""]
         for key, title in (("encoder_stage", "BEV encoder stage (TSA + SCA layers)"),
                            ("whole_model", "Whole model")):
-            rows = ratio_rows_markdown(r[key]).splitlines()
-            rows[0] += " naive ms, same run | max rel error |"
-            rows[1] += " --- | --- |"
-            # ratio = median / baseline median of the same pairing, so the baseline is recoverable.
-            rows[2:] = [line + f" {x.get('baseline_median_ms', x['median_ms'] / x['ratio_to_baseline']):.2f} |"
-                        f" {x['max_rel_error_vs_pytorch']:.1e} |" for line, x in zip(rows[2:], r[key])]
-            out += [f"### {title}", "", *rows, ""]
+            table = ratio_rows_markdown(r[key], {
+                # ratio = median / baseline median of the same pairing, so the baseline is recoverable.
+                "naive ms, same run": lambda x: f"{x.get('baseline_median_ms', x['median_ms'] / x['ratio_to_baseline']):.2f}",
+                "max rel error": lambda x: f"{x['max_rel_error_vs_pytorch']:.1e}"})
+            out += [f"### {title}", "", table, ""]
     out += ["![speed-ups](bevformer_rewrites.png)", ""]
     return "\n".join(out)
 
@@ -172,32 +161,8 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="bevformer_tiny,bevformer_npu")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds of the whole model (default per recipe)")
-    parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--render", action="store_true", help="only rewrite the .md and .png from the .json")
-    args = parser.parse_args()
-    if args.render:
-        report = json.loads((args.out / "bevformer_rewrites.json").read_text())
-        plot(report, args.out / "bevformer_rewrites.png")
-        (args.out / "bevformer_rewrites.md").write_text(to_markdown(report))
-        return
-    import onnxruntime
-
-    torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        recipes = [bench_recipe(n, args.rounds or DEFAULT_ROUNDS.get(n, 10), args.threads, Path(tmp))
-                   for n in args.recipes.split(",")]
-    report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
-              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                           "numpy": np.__version__}, "recipes": recipes}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "bevformer_rewrites.json", report)
-    plot(report, args.out / "bevformer_rewrites.png")
-    (args.out / "bevformer_rewrites.md").write_text(to_markdown(report))
-    print((args.out / "bevformer_rewrites.md").read_text())
+    run(__doc__, "bevformer_rewrites", "bevformer_tiny,bevformer_npu", DEFAULT_ROUNDS, 10, bench_recipe, to_markdown,
+        plot)
 
 
 if __name__ == "__main__":

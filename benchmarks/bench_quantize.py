@@ -62,12 +62,11 @@ def to_markdown(report: dict) -> str:
            "one process; ratio = median latency / median of the float model, 95% bootstrap interval. Fidelity: "
            "the fake-quant model against the float one on the check samples (worst output). Synthetic weights.", ""]
     for r in report["recipes"]:
-        table = ratio_rows_markdown(r["rows"]).splitlines()
-        table[0] += " worst output | SQNR dB | cosine |"
-        table[1] += " --- | --- | --- |"
-        table[2:] = [line + (f" {x['worst_output']} | {x['worst_sqnr_db']:.1f} | {x['worst_cosine']:.5f} |"
-                             if "worst_output" in x else " | | |") for line, x in zip(table[2:], r["rows"])]
-        out += [f"## {r['recipe']}", "", *table, ""]
+        table = ratio_rows_markdown(r["rows"], {
+            "worst output": lambda x: x.get("worst_output", ""),
+            "SQNR dB": lambda x: f"{x['worst_sqnr_db']:.1f}" if "worst_output" in x else "",
+            "cosine": lambda x: f"{x['worst_cosine']:.5f}" if "worst_output" in x else ""})
+        out += [f"## {r['recipe']}", "", table, ""]
     return "\n".join(out)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +36,11 @@ def run(doc: str, stem: str, default_recipes: str, default_rounds: dict[str, int
     parser.add_argument("--rounds", type=int, help="interleaved rounds per table (default per recipe)")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help=f"only rewrite {stem}.md (and .png) from {stem}.json")
     args = parser.parse_args()
+    if args.render:
+        write_report(args.out, stem, json.loads((args.out / f"{stem}.json").read_text()), to_markdown, plot)
+        return
     import onnxruntime
 
     torch.set_num_threads(args.threads)
@@ -42,10 +48,15 @@ def run(doc: str, stem: str, default_recipes: str, default_rounds: dict[str, int
         recipes = [bench_recipe(n, args.rounds or default_rounds.get(n, fallback_rounds), args.threads, Path(tmp))
                    for n in args.recipes.split(",")]
     report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
-              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__}, "recipes": recipes}
+              "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                           "numpy": np.__version__}, "recipes": recipes}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{stem}.json", report)
-    if plot is not None:
-        plot(report, args.out / f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    write_report(args.out, stem, report, to_markdown, plot)
     print((args.out / f"{stem}.md").read_text())
+
+
+def write_report(out: Path, stem: str, report: dict, to_markdown: Callable, plot: Callable | None) -> None:
+    if plot is not None:
+        plot(report, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(to_markdown(report))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from rich.table import Table
 
 LATENCY_COLUMNS = ("mean_ms", "p50_ms", "p90_ms", "p99_ms", "std_ms", "throughput_fps")
@@ -27,11 +29,14 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def ratio_rows_markdown(rows: list[dict]) -> str:
-    """Rows of deploykit.bench.compare_engines as a markdown table."""
-    return markdown_table(["variant", "median ms", "p90 ms", "ratio", "95% CI", "runs"],
+def ratio_rows_markdown(rows: list[dict], extra: dict[str, Callable[[dict], str]] | None = None) -> str:
+    """Rows of deploykit.bench.compare_engines as a markdown table; ``extra`` adds
+    columns, header -> function of the row giving the cell."""
+    extra = extra or {}
+    return markdown_table(["variant", "median ms", "p90 ms", "ratio", "95% CI", "runs", *extra],
                           [[x["variant"], f"{x['median_ms']:.2f}", f"{x['p90_ms']:.2f}", f"{x['ratio_to_baseline']:.3f}",
-                            f"{x['ratio_ci95'][0]:.3f}-{x['ratio_ci95'][1]:.3f}", x["runs"]] for x in rows])
+                            f"{x['ratio_ci95'][0]:.3f}-{x['ratio_ci95'][1]:.3f}", x["runs"],
+                            *(cell(x) for cell in extra.values())] for x in rows])
 
 
 def speedup_plot(panels: list[tuple[str, list[dict]]], path, *, columns: int = 2, baseline: str = "baseline") -> None:
