@@ -33,13 +33,19 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
-    q = qmax(bits)
-    scale = (amax.float() / q).clamp(min=1e-12)
+def _scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    return (amax.float() / qmax(bits)).clamp(min=1e-12)
+
+
+def _fake_quantize_scaled(x: torch.Tensor, scale: torch.Tensor, q: int, axis: int | None) -> torch.Tensor:
     if axis is None:
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), torch.zeros((), dtype=torch.int32), -q, q)
     zero = torch.zeros(scale.numel(), dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(x, scale.reshape(-1), zero, axis % x.dim(), -q, q)
+
+
+def fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
+    return _fake_quantize_scaled(x, _scale(amax, bits), qmax(bits), axis)
 
 
 class QuantizeDequantize(torch.autograd.Function):
@@ -53,10 +59,7 @@ class QuantizeDequantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, axis):  # noqa: ARG004
-        q = 127 if zero_point.dtype == torch.int8 else 32767
-        if axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, scale, torch.zeros((), dtype=torch.int32), -q, q)
-        return torch.fake_quantize_per_channel_affine(x, scale, zero_point.int(), axis, -q, q)
+        return _fake_quantize_scaled(x, scale, qmax(8 if zero_point.dtype == torch.int8 else 16), axis)
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,7 +77,7 @@ class QuantizeDequantize(torch.autograd.Function):
 def export_fake_quantize(x: torch.Tensor, amax: torch.Tensor, bits: int, axis: int | None) -> torch.Tensor:
     # Rebuilt from Python numbers so the scale is a constant of the graph, not
     # arithmetic on the amax buffer that the exporter would keep.
-    scale = torch.tensor((amax.float() / qmax(bits)).clamp(min=1e-12).tolist(), dtype=torch.float32)
+    scale = torch.tensor(_scale(amax, bits).tolist(), dtype=torch.float32)
     dtype = torch.int8 if bits == 8 else torch.int16
     if axis is None:
         return QuantizeDequantize.apply(x, scale.reshape(()), torch.zeros((), dtype=dtype), None)

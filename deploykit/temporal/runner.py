@@ -56,6 +56,10 @@ class SequenceRunner:
 
     def feeds(self, frame: Frame) -> dict[str, np.ndarray]:
         """The engine inputs for ``frame`` given the current state (the state is not changed)."""
+        return self._prepare(frame)[0]
+
+    def _prepare(self, frame: Frame) -> tuple[dict[str, np.ndarray], EgoPose]:
+        """(engine inputs, the pose this frame leaves for the next one)."""
         cfg = self.cfg
         continues = frame.scene == self.scene and self.prev_bev is not None
         if continues and frame.index != self.index + 1:
@@ -64,21 +68,22 @@ class SequenceRunner:
                 f"(frame {frame.index - 1}) is missing; feed the frames of a scene in order, or call reset() to "
                 f"start this scene cold at frame {frame.index}"
             )
-        can_bus, _ = relative_can_bus(frame.can_bus, self.pose if continues else None)
+        can_bus, pose = relative_can_bus(frame.can_bus, self.pose if continues else None)
         shift = bev_shift(can_bus, bev_h=cfg.bev_h, bev_w=cfg.bev_w, grid_length=cfg.grid_length)
         if continues:
             prev = rotate_bev(self.prev_bev, float(can_bus[-1]), bev_h=cfg.bev_h, bev_w=cfg.bev_w,
                               center=cfg.rotate_center)
         else:
             prev = np.zeros((1, cfg.num_bev_queries, cfg.embed_dims), np.float32)
-        return {"img": np.ascontiguousarray(frame.img, np.float32),
-                "can_bus": can_bus[None].astype(np.float32), "shift": shift[None].astype(np.float32),
-                "prev_bev": prev, "use_prev_bev": np.array([1.0 if continues else 0.0], np.float32)}
+        feeds = {"img": np.ascontiguousarray(frame.img, np.float32),
+                 "can_bus": can_bus[None].astype(np.float32), "shift": shift[None].astype(np.float32),
+                 "prev_bev": prev, "use_prev_bev": np.array([1.0 if continues else 0.0], np.float32)}
+        return feeds, pose
 
     def step(self, frame: Frame) -> dict[str, np.ndarray]:
-        feeds = self.feeds(frame)
+        feeds, pose = self._prepare(frame)
         outputs = self.engine.run(feeds)
-        _, self.pose = relative_can_bus(frame.can_bus, None)
+        self.pose = pose
         self.prev_bev = outputs["bev_embed"]
         self.scene, self.index = frame.scene, frame.index
         return outputs

@@ -5,11 +5,7 @@ from deploykit.engines import ort
 from deploykit.errors import InputError
 from deploykit.preprocess.camera_inputs import synthetic_scene
 from deploykit.temporal.ego_motion import relative_can_bus, rotate_bev
-from deploykit.temporal.runner import Frame, SequenceRunner, TorchEngine
-
-
-def _scene(cfg, name: str, frames: int, seed: int) -> list[Frame]:
-    return synthetic_scene(cfg, name, frames, seed)
+from deploykit.temporal.runner import SequenceRunner, TorchEngine
 
 
 class Recorder:
@@ -23,7 +19,7 @@ class Recorder:
 
 def test_runner_carries_state_like_forward_test(bev_model):
     cfg = bev_model.config
-    frames = _scene(cfg, "a", 3, 1) + _scene(cfg, "b", 2, 2)
+    frames = synthetic_scene(cfg, "a", 3, 1) + synthetic_scene(cfg, "b", 2, 2)
     engine = Recorder(TorchEngine(bev_model))
     outs = SequenceRunner(engine, cfg).run(frames)
     assert [f["use_prev_bev"][0] for f in engine.feeds] == [0, 1, 1, 0, 1]
@@ -41,7 +37,7 @@ def test_runner_carries_state_like_forward_test(bev_model):
 
 def test_gap_in_a_scene_is_a_missing_previous_bev(bev_model):
     cfg = bev_model.config
-    frames = _scene(cfg, "a", 3, 1)
+    frames = synthetic_scene(cfg, "a", 3, 1)
     runner = SequenceRunner(TorchEngine(bev_model), cfg)
     runner.step(frames[0])
     with pytest.raises(InputError, match="frame 2 follows frame 0, so the previous BEV it needs \\(frame 1\\) is missing"):
@@ -54,7 +50,7 @@ def test_deployed_engine_follows_pytorch_over_a_sequence(bev_model, bev_converte
     # The converted ONNX (virtual-BEV SCA, conv mean, MSDA custom op) in ONNX Runtime,
     # against the original PyTorch model, both carrying their own state.
     cfg = bev_model.config
-    frames = _scene(cfg, "a", 4, 5) + _scene(cfg, "b", 2, 6)
+    frames = synthetic_scene(cfg, "a", 4, 5) + synthetic_scene(cfg, "b", 2, 6)
     torch_outs = SequenceRunner(TorchEngine(bev_model), cfg).run(frames)
     ort_outs = SequenceRunner(ort.build(bev_converted_dir / "model.onnx"), cfg).run(frames)
     for t, o in zip(torch_outs, ort_outs):
