@@ -2,9 +2,9 @@
 
 No real checkpoint can ship with the repository, yet ``make demo`` and the
 tests need one that behaves like trained weights: random convolutions with
-batch-norm statistics measured on synthetic inputs (LiDAR sweeps, camera frames) (so activations have
-realistic ranges and BN folding is exercised with non-trivial values), and the
-architecture's own initial structure (CenterHead's heatmap bias of -2.19,
+batch-norm statistics measured on synthetic inputs, LiDAR sweeps or camera
+frames (so activations have realistic ranges and BN folding is exercised with
+non-trivial values), and the architecture's own initial structure (CenterHead's heatmap bias of -2.19,
 BEVFormer's deformable-attention offset rings). The file is written as
 mmcv does (``{"meta": ..., "state_dict": ...}``) so the real loading path runs.
 

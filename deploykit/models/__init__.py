@@ -21,9 +21,6 @@ from . import bevformer, centerpoint_pillar
 class Architecture:
     config: type
     build: Callable[[Any], Any]
-    # Checkpoint key prefixes that identify this architecture's weights; used
-    # to tell a user which model a mismatching checkpoint belongs to.
-    key_prefixes: tuple[str, ...]
     # (config, seed, model) -> deploykit.samples.Sample
     make_sample: Callable[[Any, int, Any], Any]
     # (model, config, generator) -> None: architecture-specific stand-in weights
@@ -55,7 +52,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "centerpoint_pillar": Architecture(
         config=centerpoint_pillar.CenterPointPillarConfig,
         build=centerpoint_pillar.CenterPointPillar,
-        key_prefixes=("pts_voxel_encoder.", "pts_backbone.", "pts_neck.", "pts_bbox_head."),
         make_sample=_pillar_sample,
         synthetic_init=_centerpoint_init,
         decode=decode.decode_centerpoint,
@@ -63,7 +59,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bevformer": Architecture(
         config=bevformer.BEVFormerConfig,
         build=bevformer.BEVFormer,
-        key_prefixes=("img_backbone.", "img_neck.", "pts_bbox_head.transformer."),
         make_sample=_camera_sample,
         synthetic_init=bevformer.synthetic.synthetic_init,
         decode=decode.decode_bevformer,

@@ -40,7 +40,6 @@ class VirtualBEVSpatialCrossAttention(nn.Module):
         self.deformable_attention = sca.deformable_attention
         self.output_proj = sca.output_proj
         self.residual = sca.residual
-        self.virtual_shape = (plan.virtual_h, plan.virtual_w)
         self.coverage = plan.coverage
         num_cams, num_queries = plan.kept.shape
         slots = plan.indices  # (N, S), padding = num_queries
