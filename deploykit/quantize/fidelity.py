@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..compare import agreement
+
 
 @dataclass(frozen=True)
 class Fidelity:
@@ -31,11 +33,8 @@ def fidelity(references: list[dict[str, np.ndarray]], outputs: list[dict[str, np
     """Per output, over all samples together (errors pooled, so one bad sample shows)."""
     result = []
     for name in references[0]:
-        ref = np.concatenate([r[name].ravel() for r in references]).astype(np.float64)
-        out = np.concatenate([o[name].ravel() for o in outputs]).astype(np.float64)
-        denom = np.linalg.norm(ref) * np.linalg.norm(out)
-        cosine = float(ref @ out / denom) if denom > 0 else float(np.array_equal(ref, out))
-        scale = np.abs(ref).max()
-        rel = float(np.abs(ref - out).max() / scale) if scale > 0 else float(np.abs(out).max())
-        result.append(Fidelity(name, sqnr_db(ref, out), cosine, rel))
+        ref = np.concatenate([r[name].ravel() for r in references])
+        out = np.concatenate([o[name].ravel() for o in outputs])
+        agree = agreement(name, ref, out)
+        result.append(Fidelity(name, sqnr_db(ref, out), agree.cosine, agree.max_rel_error))
     return result

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 
+from deploykit.compare import compare_outputs
 from deploykit.export import export_onnx, simplify
 from deploykit.samples import torch_outputs
 
@@ -18,8 +18,5 @@ def export_bev(model, sample, tmp_path: Path, name: str = "m.onnx", simplified: 
 
 
 def worst_rel(model_a, model_b, samples) -> float:
-    worst = 0.0
-    for s in samples:
-        a, b = torch_outputs(model_a, s.feeds), torch_outputs(model_b, s.feeds)
-        worst = max(worst, *(float(np.abs(a[k] - b[k]).max() / np.abs(a[k]).max()) for k in a))
-    return worst
+    return max(a.max_rel_error for s in samples
+               for a in compare_outputs(torch_outputs(model_a, s.feeds), torch_outputs(model_b, s.feeds)))
