@@ -59,12 +59,25 @@ def ensure_writable(target: Path, *, overwrite: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path that replaces ``path`` once the block has written it;
+    on an exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two writers never share one
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON through a temporary file so a reader never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _json_default(obj: Any) -> Any:

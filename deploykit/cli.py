@@ -139,8 +139,11 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, overwrite, q
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:
             worst = min(result.fidelity[key], key=lambda f: f["sqnr_db"])
+            task = result.fidelity.get("task_map", {}).get(key)
             click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
-                       f"cosine {worst['cosine']:.5f}")
+                       f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}" if task else ""))
+    if "task_map" in result.fidelity:
+        click.echo(f"float: mAP {result.fidelity['task_map']['float']['mAP']:.4f}")
     click.echo(f"wrote {result.out_dir}/")
 
 

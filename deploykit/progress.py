@@ -36,3 +36,10 @@ class Steps:
 
 def console() -> Console:
     return _console
+
+
+def track(items, description: str, *, quiet: bool = False, total: int | None = None):
+    """A progress bar over ``items`` on stderr that disappears when done."""
+    from rich.progress import track as rich_track
+
+    return rich_track(items, total=total, description=description, console=_console, disable=quiet, transient=True)

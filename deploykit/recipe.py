@@ -63,6 +63,14 @@ class QuantizeSpec:
     # the float model reaches this, using at most this many modules.
     target_sqnr_db: float = 30.0
     int16_budget: int = 8
+    # Shell-style patterns of the outputs that target counts (default: all). Leave out
+    # outputs nobody reads: near-zero ones have a meaningless SQNR (e.g. velocity
+    # from a model trained on single sweeps).
+    target_outputs: tuple[str, ...] = ()
+    # Where the architecture can label its synthetic samples (CenterPoint on ray-cast
+    # scenes): score float, int8 and int8 + int16 in nuScenes-style mAP on this many
+    # held-out scenes. 0 = off; worth it only for a recipe with trained weights.
+    eval_scenes: int = 0
 
     def __post_init__(self):
         methods = ("max", "percentile", "entropy", "mse")
@@ -71,6 +79,8 @@ class QuantizeSpec:
                 raise ValueError(f"calibrator '{name}' is not one of {', '.join(methods)}")
         if self.calib_samples < 1 or self.frames_per_scene < 1:
             raise ValueError("calib_samples and frames_per_scene must be at least 1")
+        if self.eval_scenes < 0:
+            raise ValueError("eval_scenes must be 0 (off) or more")
 
 
 @dataclass(frozen=True)

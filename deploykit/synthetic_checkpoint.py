@@ -14,12 +14,12 @@ mmcv does (``{"meta": ..., "state_dict": ...}``) so the real loading path runs.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .artifacts import atomic_file
 from .recipe import REPO_ROOT, Recipe, load_recipe
 
 CACHE_DIR = REPO_ROOT / ".cache" / "checkpoints"
@@ -50,13 +50,8 @@ def synthetic_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
 def write_synthetic_checkpoint(recipe: Recipe, seed: int, path: Path) -> Path:
     state = synthetic_state_dict(recipe, seed)
     payload = {"meta": {"recipe": recipe.name, "seed": seed, "synthetic": True}, "state_dict": state}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -87,3 +87,22 @@ def decode_centerpoint(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 50
     keep = scores > score_threshold
     keep &= _in_range(centers, post_center_range or (rng[0] - 10, rng[1] - 10, -10.0, rng[3] + 10, rng[4] + 10, 10.0))
     return Boxes(centers[keep], dims[keep], yaw[keep], scores[keep], labels[keep])
+
+
+def circle_nms(boxes: Boxes, thresh: float, post_max_size: int = 83) -> Boxes:
+    """CenterPoint's circle NMS (mmdet3d ``circle_nms``): by descending score, keep a
+    box and drop every later one whose squared ground-plane centre distance is at
+    most ``thresh`` (so ``thresh`` is a squared radius, as in mmdet3d's
+    ``test_cfg.min_radius``); then keep the first ``post_max_size``."""
+    order = boxes.scores.argsort()[::-1]  # numpy's default sort, for mmdet3d's order among ties
+    xy = boxes.centers[order, :2]
+    suppressed = np.zeros(len(order), bool)
+    keep = []
+    for rank in range(len(order)):
+        if suppressed[rank]:
+            continue
+        keep.append(order[rank])
+        later = slice(rank + 1, None)
+        suppressed[later] |= ((xy[later] - xy[rank]) ** 2).sum(1) <= thresh
+    keep = np.asarray(keep[:post_max_size], dtype=np.int64)
+    return Boxes(boxes.centers[keep], boxes.dims[keep], boxes.yaw[keep], boxes.scores[keep], boxes.labels[keep])

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..detection import decode
+from ..detection import decode, evaluate
 from . import bevformer, centerpoint_pillar
 
 
@@ -27,6 +27,9 @@ class Architecture:
     synthetic_init: Callable[[Any, Any, torch.Generator], None]
     # (config, outputs) -> deploykit.detection.decode.Boxes
     decode: Callable[[Any, dict], Any]
+    # (recipe, model, seeds) -> [(Sample, ground-truth Boxes, points per box)], where the
+    # synthetic data has ground truth (deploykit.detection.evaluate); None where not.
+    labelled_scenes: Callable[[Any, Any, Any], list] | None = None
 
 
 def _pillar_sample(cfg, seed, model):
@@ -55,6 +58,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         make_sample=_pillar_sample,
         synthetic_init=_centerpoint_init,
         decode=decode.decode_centerpoint,
+        labelled_scenes=evaluate.labelled_scenes,
     ),
     "bevformer": Architecture(
         config=bevformer.BEVFormerConfig,

@@ -93,6 +93,14 @@ class HeadConfig:
     num_heatmap_convs: int = 2
     bn_eps: float = 1e-5
     init_bias: float = -2.19
+    # mmdet3d test_cfg for circle NMS after decoding: squared radius (m^2) per task,
+    # empty = no NMS; used where deploykit scores detections (mAP), not in the engine.
+    min_radius: tuple[float, ...] = ()
+    post_max_size: int = 83
+
+    def __post_init__(self):
+        if self.min_radius and len(self.min_radius) != len(self.tasks):
+            raise ValueError(f"min_radius needs one entry per task ({len(self.tasks)}), got {len(self.min_radius)}")
 
 
 @dataclass(frozen=True)

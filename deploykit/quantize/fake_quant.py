@@ -206,3 +206,52 @@ class SharedQuantInput(nn.Module):
 
     def forward(self, *args):
         return self.inner(*(self.input_quantizer(a) for a in args))
+
+
+class QuantMultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention written out as projections, two matmuls and a softmax,
+    so each of its int8 tensors has a quantizer: the in-projection's inputs and
+    per-channel weight, both operands of Q @ K^T (q, k) and of P @ V (probs, v).
+    ``out_proj`` becomes a QuantLinear on its own. The parameters keep their
+    names; torch's fused kernel is not used, so results differ from it by fp32
+    rounding only."""
+
+    _OPERANDS = ("query", "key", "value", "q", "k", "probs", "v")
+
+    @classmethod
+    def from_float(cls, m: nn.MultiheadAttention, method: str) -> "QuantMultiheadAttention":
+        if not m._qkv_same_embed_dim or m.in_proj_bias is None or m.bias_k is not None:
+            raise InputError("only nn.MultiheadAttention with kdim = vdim = embed_dim, in-projection bias and no "
+                             "add_bias_kv can be quantized")
+        q = _adopt(cls, m)
+        for name in cls._OPERANDS:
+            q.add_module(f"{name}_quantizer", TensorQuantizer(method=method))
+        q.in_proj_weight_quantizer = TensorQuantizer(axis=0)
+        q.out_proj = QuantLinear.from_float(m.out_proj, method)
+        return q
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None or attn_mask is not None or need_weights or is_causal:
+            raise InputError("quantized multi-head attention supports neither masks nor returned weights")
+        if self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        hd = self.head_dim
+        e = self.embed_dim  # constant slices, where chunk() would export shape arithmetic
+        w, b = self.in_proj_weight_quantizer(self.in_proj_weight), self.in_proj_bias
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = (w[:e], w[e:2 * e], w[2 * e:]), (b[:e], b[e:2 * e], b[2 * e:])
+
+        def project(x, w, b):  # (L, B, E) -> (B * heads, L, hd)
+            return F.linear(x, w, b).reshape(x.shape[0], -1, hd).transpose(0, 1)
+
+        q = project(self.query_quantizer(query), w_q, b_q)
+        k = project(self.key_quantizer(key), w_k, b_k)
+        v = project(self.value_quantizer(value), w_v, b_v)
+        scores = torch.matmul(self.q_quantizer(q), self.k_quantizer(k).transpose(1, 2)) * hd ** -0.5
+        probs = torch.softmax(scores, -1)
+        out = torch.matmul(self.probs_quantizer(probs), self.v_quantizer(v))  # (B * heads, Lq, hd)
+        out = out.transpose(0, 1).reshape(query.shape[0], -1, self.embed_dim)
+        out = self.out_proj(out)
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None

@@ -1,7 +1,8 @@
 """Put quantizers into a (rewritten) float model and drive them.
 
 Conv, ConvTranspose and Linear layers get an input and a per-channel weight
-quantizer; parameter-free custom ops and deformable-attention samplers get a
+quantizer; multi-head attention gets them on its projections and on both
+operands of its two matmuls; parameter-free custom ops and deformable-attention samplers get a
 quantizer on each float input (the int8 tensors an NPU kernel would read);
 residual adds and feature concats (deploykit.models.layers) get one quantizer
 shared by all their inputs, since an int8 add or concat needs a common scale.
@@ -18,8 +19,8 @@ import fnmatch
 
 from torch import nn
 
-from .fake_quant import (MODES, QuantConv2d, QuantConvTranspose2d, QuantInputs, QuantLinear, SharedQuantInput,
-                         TensorQuantizer)
+from .fake_quant import (MODES, QuantConv2d, QuantConvTranspose2d, QuantInputs, QuantLinear,
+                         QuantMultiheadAttention, SharedQuantInput, TensorQuantizer)
 
 
 def _shared_input(module: nn.Module) -> bool:
@@ -54,6 +55,8 @@ def insert_quantizers(model: nn.Module, method: str = "max", overrides: dict[str
             new = QuantConvTranspose2d.from_float(module, method)
         elif kind is nn.Linear:
             new = QuantLinear.from_float(module, method)
+        elif kind is nn.MultiheadAttention:
+            new = QuantMultiheadAttention.from_float(module, method)
         elif _shared_input(module):
             new = SharedQuantInput(module, method)
         elif (names := _input_names(module)) is not None:

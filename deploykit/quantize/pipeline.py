@@ -32,11 +32,11 @@ from .. import __version__
 from ..artifacts import atomic_directory, ensure_writable, sha256_file, write_json
 from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
-from ..errors import InputError
+from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
-from ..progress import Steps, console
+from ..progress import Steps, console, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
 from .calib_set import CalibSet, build_calib_set, load_calib_set
@@ -87,15 +87,12 @@ def default_calib_set(recipe: Recipe) -> Path:
 
 def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False) -> list[str]:
     """Calibrate every quantizer; returns the names of those that saw no data (not on the deployed path)."""
-    from rich.progress import track
-
     from ..temporal.runner import Frame, SequenceRunner, TorchEngine
 
     for q in quantizers(qmodel).values():
         q.start_calibration()
     runner = SequenceRunner(TorchEngine(qmodel), recipe.model) if calib.temporal else None
-    for sample in track(calib, total=len(calib), description="calibrating", console=console(), disable=quiet,
-                        transient=True):
+    for sample in track(calib, "calibrating", quiet=quiet, total=len(calib)):
         if runner is not None:
             runner.step(Frame(sample.arrays["img"], sample.arrays["can_bus"].astype(np.float64), sample.scene,
                               sample.index))
@@ -114,9 +111,13 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     out = Path(out)
     ensure_writable(out, overwrite=overwrite)
-    steps = Steps(6 if int16_sensitive else 5, quiet=quiet)
+    steps = Steps(5 + bool(int16_sensitive) + bool(recipe.quantize.eval_scenes), quiet=quiet)
+    if recipe.quantize.eval_scenes and ARCHITECTURES[recipe.arch].labelled_scenes is None:
+        raise RecipeError(f"{recipe.name}: [quantize] eval_scenes needs ground truth, which the {recipe.arch} "
+                          "sample generator cannot label; set eval_scenes = 0")
     with steps.step(f"load converted {recipe.name} and the calibration set"):
         model, manifest = load_converted(recipe, Path(converted))
+        target_outputs = _target_outputs(recipe, model)
         calib_path = Path(calib) if calib else default_calib_set(recipe)
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
@@ -138,9 +139,11 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
             # Separate samples from the check ones, so the reported fidelity is not the one optimised.
             chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
             search = search_int16(qmodel, active, chooser, [torch_outputs(model, s.feeds) for s in chooser],
-                                  target_db=spec.target_sqnr_db, budget=spec.int16_budget, quiet=quiet)
+                                  target_db=spec.target_sqnr_db, budget=spec.int16_budget,
+                                  outputs=target_outputs, quiet=quiet)
             raise_if_unmet(search)
         lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
+    configurations = [("int8", [])] + ([("int8_int16", lifted)] if lifted else [])
     with steps.step(f"measure fidelity: int8, int8 + {len(lifted)} int16 quantizers"):
         samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
         references = [torch_outputs(model, s.feeds) for s in samples]
@@ -148,12 +151,17 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         decode = ARCHITECTURES[recipe.arch].decode
         float_boxes = [decode(recipe.model, r) for r in references]
         report, detection, fake = {}, {}, {}
-        for key, names16 in [("int8", [])] + ([("int8_int16", lifted)] if lifted else []):
+        for key, names16 in configurations:
+            set_bits(qmodel, lifted, 8)
             set_bits(qmodel, names16, 16)
             fake[key] = [torch_outputs(qmodel, s.feeds) for s in samples]
             report[key] = [f.to_dict() for f in fidelity(references, fake[key])]
             detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in fake[key]])
         report["detection_agreement"] = detection
+    if recipe.quantize.eval_scenes:
+        n = recipe.quantize.eval_scenes
+        with steps.step(f"score float and quantized models in mAP on {n} labelled scenes"):
+            report["task_map"] = _task_map(recipe, model, qmodel, lifted, configurations)
     with atomic_directory(out, overwrite=overwrite) as scratch:
         with steps.step("export QDQ ONNX and run it in ONNX Runtime"):
             report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, fake, scratch,
@@ -186,6 +194,35 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})
     return QuantizeResult(out, report, warnings)
+
+
+def _target_outputs(recipe: Recipe, model) -> list[str] | None:
+    import fnmatch
+
+    patterns = recipe.quantize.target_outputs
+    if not patterns:
+        return None
+    for p in patterns:
+        if not fnmatch.filter(model.output_names, p):
+            raise RecipeError(f"[quantize] target_outputs pattern '{p}' matches none of the outputs "
+                              f"{', '.join(model.output_names)}")
+    return [n for n in model.output_names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+
+def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations) -> dict:
+    """nuScenes-style mAP of the float model and of each quantized configuration on
+    the same held-out labelled scenes."""
+    from ..detection.evaluate import EVAL_SEED, evaluate
+
+    n = recipe.quantize.eval_scenes
+    scenes = ARCHITECTURES[recipe.arch].labelled_scenes(recipe, model, range(EVAL_SEED, EVAL_SEED + n))
+    result = {"scenes": n, "first_seed": EVAL_SEED,
+              "float": evaluate(recipe, scenes, lambda feeds: torch_outputs(model, feeds))}
+    for key, names16 in configurations:
+        set_bits(qmodel, lifted, 8)
+        set_bits(qmodel, names16, 16)
+        result[key] = evaluate(recipe, scenes, lambda feeds: torch_outputs(qmodel, feeds))
+    return result
 
 
 def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list], scratch: Path, opset: int) -> dict:
@@ -253,6 +290,8 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
                   f"{det['candidate_boxes']} quantized boxes against {det['reference_boxes']} float boxes "
                   "(decoded without NMS), matched per class by centre distance.", "",
                   markdown_table(["distance", "recall", "precision"], rows), ""]
+    if "task_map" in report:
+        lines += _task_map_markdown(report["task_map"])
     for item in report.get("onnxruntime_vs_fake_quant", {}).values():
         lines += [f"## ONNX Runtime on {item['file']} (opset {item['opset']}) vs the fake-quant PyTorch model", "",
                   *([f"TensorRT edits: {item['changes']}; the int16 regions run in float here.", ""]
@@ -261,3 +300,15 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
                   "moves a value across a rounding boundary, and ONNX saturates int8 at -128 where the fake-quant "
                   "model clips at -127.", "", _fidelity_table(item["outputs"]), ""]
     return "\n".join(lines)
+
+
+def _task_map_markdown(task: dict) -> list[str]:
+    from ..report import markdown_table
+
+    classes = list(task["float"]["per_class"])
+    rows = [[key.replace("_", " + "), f"{task[key]['mAP']:.4f}",
+             *(f"{task[key]['per_class'][c]['AP']:.4f}" for c in classes)]
+            for key in ("float", "int8", "int8_int16") if key in task]
+    return [f"## Task mAP on {task['scenes']} held-out synthetic scenes", "",
+            "nuScenes-style AP (centre distance 0.5/1/2/4 m, the recipe's NMS) against the scenes' ground truth.", "",
+            markdown_table(["model", "mAP", *(f"{c} AP" for c in classes)], rows), ""]

@@ -10,18 +10,19 @@ module two figures are measured on the check samples:
           only this module is lifted to int16.
 
 Modules are ranked by gain, then added to the int16 set greedily until the
-worst output SQNR meets the recipe's target; the search stops at the budget
-and, if the target is still out of reach, says how close the best set came.
+worst output SQNR meets the recipe's target: each step measures the best-ranked
+few remaining modules on top of the set so far and adds the one that helps most
+then. The search stops at the budget and, if the target is still out of reach,
+says how close the best set came.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rich.progress import track
 
 from ..errors import CheckFailedError
-from ..progress import console
+from ..progress import track
 from ..samples import torch_outputs
 from .fidelity import fidelity
 from .insert import set_bits, set_mode
@@ -76,18 +77,21 @@ def _worst(references, outputs) -> float:
 
 
 def search_int16(qmodel, active: list[str], samples, references, *, target_db: float, budget: int,
-                 quiet: bool = False) -> Search:
+                 outputs: list[str] | None = None, lookahead: int = 4, quiet: bool = False) -> Search:
+    """``outputs``: the outputs whose worst SQNR is the target (default: all)."""
     groups = group_modules(active)
+    if outputs is not None:
+        references = [{k: r[k] for k in outputs} for r in references]
 
     def run() -> list[dict]:
-        return [torch_outputs(qmodel, s.feeds) for s in samples]
+        return [{k: v for k, v in torch_outputs(qmodel, s.feeds).items() if outputs is None or k in outputs}
+                for s in samples]
 
     set_mode(qmodel, "quant", active)
     set_bits(qmodel, active, 8)
     baseline = _worst(references, run())
     measured = []
-    for module, names in track(list(groups.items()), description="sensitivity", console=console(), disable=quiet,
-                               transient=True):
+    for module, names in track(list(groups.items()), "sensitivity", quiet=quiet):
         set_mode(qmodel, "off")
         set_mode(qmodel, "quant", names)
         alone = _worst(references, run())
@@ -100,11 +104,21 @@ def search_int16(qmodel, active: list[str], samples, references, *, target_db: f
     result = Search(baseline, measured, target_db=target_db, budget=budget)
     if baseline >= target_db:
         return result
-    for m in measured[:budget]:
-        result.chosen.append(m.module)
-        set_bits(qmodel, m.quantizers, 16)
-        worst = _worst(references, run())
-        result.steps.append({"module": m.module, "worst_sqnr_db": worst})
+    # Gains do not add up (lifting one module changes what the next one is worth), so
+    # each step tries the best-ranked few of the rest on top of the current set and
+    # keeps the one that helps most now.
+    remaining = list(measured)
+    while len(result.chosen) < budget and remaining:
+        tried = []
+        for m in remaining[:lookahead]:
+            set_bits(qmodel, m.quantizers, 16)
+            tried.append((_worst(references, run()), m))
+            set_bits(qmodel, m.quantizers, 8)
+        worst, best = max(tried, key=lambda t: t[0])
+        remaining.remove(best)
+        set_bits(qmodel, best.quantizers, 16)
+        result.chosen.append(best.module)
+        result.steps.append({"module": best.module, "worst_sqnr_db": worst, "candidates": len(tried)})
         if worst >= target_db:
             break
     set_bits(qmodel, active, 8)

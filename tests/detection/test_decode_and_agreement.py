@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from deploykit.detection.agreement import agreement, match_count
-from deploykit.detection.decode import Boxes, decode_bevformer, decode_centerpoint
+from deploykit.detection.decode import Boxes, circle_nms, decode_bevformer, decode_centerpoint
 
 
 def test_bevformer_decode_follows_nms_free_coder(bev_recipe):
@@ -76,3 +76,39 @@ def test_quantize_reports_detection_agreement(bev_quantized_dir):
         assert list(by) == ["0.5m", "1m", "2m", "4m"]
         recalls = [v["recall"] for v in by.values()]
         assert recalls == sorted(recalls) and recalls[-1] > 0.9
+
+
+def _mmdet3d_circle_nms(dets, thresh, post_max_size=83):
+    # Transcription of mmdet3d's circle_nms (box3d_nms.py), the reference.
+    x1, y1, scores = dets[:, 0], dets[:, 1], dets[:, 2]
+    order = scores.argsort()[::-1].astype(np.int32)
+    suppressed = np.zeros(dets.shape[0], dtype=np.int32)
+    keep = []
+    for _i in range(dets.shape[0]):
+        i = order[_i]
+        if suppressed[i] == 1:
+            continue
+        keep.append(i)
+        for _j in range(_i + 1, dets.shape[0]):
+            j = order[_j]
+            if suppressed[j] == 1:
+                continue
+            if (x1[i] - x1[j]) ** 2 + (y1[i] - y1[j]) ** 2 <= thresh:
+                suppressed[j] = 1
+    return keep[:post_max_size]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_circle_nms_matches_mmdet3d(seed):
+    rng = np.random.default_rng(seed)
+    n = 200
+    centers = rng.uniform(-10, 10, (n, 3)).astype(np.float32)
+    centers[:20, :2] = np.round(centers[:20, :2])  # exact distance ties at the threshold
+    scores = rng.choice(rng.uniform(0, 1, 150), n).astype(np.float32)  # score ties too
+    boxes = _boxes(centers, rng.integers(0, 3, n), scores)
+    for thresh, post in ((4.0, 83), (1.0, 500), (0.175, 10)):
+        keep = _mmdet3d_circle_nms(np.column_stack([centers[:, :2], scores]), thresh, post)
+        out = circle_nms(boxes, thresh, post)
+        np.testing.assert_array_equal(out.centers, centers[keep])
+        np.testing.assert_array_equal(out.scores, scores[keep])
+        assert 0 < len(out) <= post

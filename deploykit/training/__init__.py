@@ -1,0 +1,1 @@
+"""Training on synthetic data: where deploykit needs a model with learned weights."""
