@@ -56,10 +56,12 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, iterations: int) -> np.nda
 
 
 def interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, rounds: int,
-                per_round: int = 1) -> dict[str, np.ndarray]:
+                per_round: int = 1, best_of: int = 1) -> dict[str, np.ndarray]:
     """Time several callables in alternation so drift on a shared machine
     (thermal state, other tenants) hits all of them alike; the order rotates
-    each round so none always runs right after another."""
+    each round so none always runs right after another. ``best_of`` > 1 records
+    the fastest of that many back-to-back calls: interference on a shared
+    machine only ever adds time, so the minimum is its most stable estimate."""
     names = list(calls)
     for name in names:
         for _ in range(warmup):
@@ -70,9 +72,12 @@ def interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, rounds: int
         for name in names[shift:] + names[:shift]:
             fn = calls[name]
             for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
+                best = np.inf
+                for _ in range(best_of):
+                    start = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - start)
+                samples[name].append(best)
     return {n: np.asarray(v) for n, v in samples.items()}
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .engines import CUSTOM_OP_MODES
 from .errors import DeployError
@@ -108,6 +109,58 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, {"results": results})
         click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--baseline", "-b", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Baseline JSON (benchmarks/baselines/<recipe>.json); entries are matched by model file name.")
+@click.option("--update", is_flag=True, help="Measure the candidates and write them as the new baseline.")
+@click.option("--against", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The baseline model itself: time it interleaved with the candidate (one candidate only).")
+@click.option("--threads", type=int, help="Intra-op threads (default: the baseline's).")
+@click.option("--rounds", type=click.IntRange(5), help="Interleaved rounds per attempt (default: the recipe's).")
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function", show_default=True)
+@click.option("--other-machine", type=click.Choice(["error", "warn"]), default="error", show_default=True,
+              help="A baseline from another machine class: refuse, or compare anyway with a warning.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the verdicts.")
+@handle_errors
+def gate(candidates, baseline, update, against, threads, rounds, custom_ops, other_machine, json_path):
+    """Fail (exit 10) when a candidate is slower or less faithful than its baseline.
+
+    \b
+    Latency: ratio to the baseline with a 95% bootstrap interval, measured interleaved
+    in this process (against --against, or against a fixed reference workload whose
+    units the baseline file stores). Fidelity (quantized candidates): worst output SQNR
+    and mAP from the fidelity.json beside the model. Thresholds: the recipe's [gate].
+    """
+    from rich.console import Console
+
+    from .artifacts import write_json
+    from .errors import GateFailedError
+    from .gate import gate as run_gate
+    from .gate import update_baseline
+    from .report import gate_table
+
+    if update:
+        if against:
+            raise click.BadParameter("--update measures the candidates themselves; drop --against")
+        data = update_baseline(baseline, list(candidates), threads=threads, custom_ops=custom_ops, rounds=rounds)
+        for name, e in data["entries"].items():
+            click.echo(f"{name}: {e['latency']['median_ms']:.2f} ms, "
+                       f"{np.median(e['latency']['normalized_rounds']):.3f} reference units")
+        click.echo(f"wrote baseline {baseline} (recipe {data['recipe']}, {data['machine_class']['cpu']})")
+        return
+    if against and len(candidates) > 1:
+        raise click.BadParameter("--against takes one candidate")
+    results = [run_gate(baseline, c, against=against, threads=threads, custom_ops=custom_ops, rounds=rounds,
+                        other_machine=other_machine) for c in candidates]
+    Console(width=max(Console().width, 120)).print(gate_table(results))
+    if json_path:
+        write_json(json_path, {"results": [r.to_dict() for r in results]})
+    failed = [r.candidate for r in results if not r.passed]
+    if failed:
+        raise GateFailedError(f"regression in {', '.join(failed)} (see the table above)")
 
 
 @main.command()

@@ -47,3 +47,15 @@ class EngineError(DeployError):
 
 class RigError(RecipeError):
     """A camera rig (calib/rigs/*.json) that cannot serve the recipe."""
+
+
+class GateFailedError(DeployError):
+    """A candidate regressed beyond the recipe's gate thresholds."""
+
+    exit_code = 10
+
+
+class BaselineError(DeployError):
+    """A gate baseline that is missing, unreadable, or from another recipe or machine class."""
+
+    exit_code = 11

@@ -84,6 +84,22 @@ class QuantizeSpec:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    # `deploykit gate`: fail when the candidate's latency ratio to the baseline is
+    # confidently above 1 + this (the whole 95% interval beyond it)...
+    max_latency_regression: float = 0.10
+    # ...or its worst output SQNR fell by more than this many dB, or its mAP by more than this.
+    max_sqnr_drop_db: float = 1.0
+    max_map_drop: float = 0.01
+    # Interleaved rounds per measurement; an inconclusive verdict measures again, up to 3 times.
+    rounds: int = 30
+
+    def __post_init__(self):
+        if self.max_latency_regression <= 0 or self.rounds < 5:
+            raise ValueError("max_latency_regression must be > 0 and rounds at least 5")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     model: Any  # the architecture's config dataclass, see deploykit.models.ARCHITECTURES
@@ -92,6 +108,7 @@ class Recipe:
     convert: ConvertSpec = ConvertSpec()
     check: CheckSpec = CheckSpec()
     quantize: QuantizeSpec = QuantizeSpec()
+    gate: GateSpec = GateSpec()
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -157,6 +174,7 @@ class _RecipeFields:
     convert: ConvertSpec = ConvertSpec()
     check: CheckSpec = CheckSpec()
     quantize: QuantizeSpec = QuantizeSpec()
+    gate: GateSpec = GateSpec()
 
 
 def from_dict(cls: type, data: Any, where: str) -> Any:

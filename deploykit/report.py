@@ -23,6 +23,30 @@ def latency_table(results: list[dict]) -> Table:
     return table
 
 
+def gate_table(results) -> Table:
+    """One row per gated metric of deploykit.gate.GateResult objects."""
+    table = Table(title="regression gate", show_lines=False)
+    for col, justify in (("candidate", "left"), ("metric", "left"), ("baseline", "right"), ("candidate value", "right"),
+                         ("limit", "right"), ("detail", "left"), ("verdict", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in results:
+        lat = r.latency
+        if lat is not None:
+            base = f"{lat.baseline_median_ms:.2f} ms" if lat.baseline_median_ms is not None else "-"
+            detail = (f"ratio {lat.ratio:.3f} (95% CI {lat.ci95[0]:.3f}-{lat.ci95[1]:.3f}), P(>limit) "
+                      f"{lat.p_regression:.2f}, {lat.rounds} rounds, {lat.method}")
+            table.add_row(r.candidate, "latency", base, f"{lat.candidate_median_ms:.2f} ms", f"x{lat.limit:.2f}",
+                          detail, _verdict(lat.verdict))
+        for f in r.fidelity:
+            table.add_row(r.candidate, f["metric"], f"{f['baseline']:.4g}", f"{f['candidate']:.4g}",
+                          f">= {f['limit']:.4g}", "", _verdict("pass" if f["passed"] else "fail"))
+    return table
+
+
+def _verdict(v: str) -> str:
+    return f"[green]{v}[/green]" if v.startswith("pass") else f"[red]{v}[/red]"
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

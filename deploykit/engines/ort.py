@@ -137,8 +137,12 @@ def default_threads() -> int:
 
 
 def build(model: str | Path | onnx.ModelProto, *, custom_ops: str = "function",
-          threads: int | None = None, optimization: str = "all", profile: bool = False) -> OrtEngine:
-    """Build an ONNX Runtime CPU session. ``threads`` pins intra-op threads."""
+          threads: int | None = None, optimization: str = "all", profile: bool = False,
+          spinning: bool = True) -> OrtEngine:
+    """Build an ONNX Runtime CPU session. ``threads`` pins intra-op threads.
+    ``spinning=False`` stops idle pool threads from busy-waiting: needed when
+    several sessions are timed in alternation, where one session's spinning
+    threads would steal the cores the next one runs on."""
     import onnxruntime as ort
 
     source = "<in-memory model>"
@@ -160,6 +164,8 @@ def build(model: str | Path | onnx.ModelProto, *, custom_ops: str = "function",
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[optimization]
     opts.enable_profiling = profile
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # ORT warns about initializers its own function inlining leaves unread (the
     # custom ops' constant shape inputs); errors still surface as exceptions.
     opts.log_severity_level = 3

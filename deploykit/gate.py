@@ -1,0 +1,343 @@
+"""Regression gate: is a candidate engine slower (or less faithful) than its baseline?
+
+Timing on a shared CI machine drifts by more than the regressions worth
+catching, so a gate never compares a latency with a number measured on another
+day. It measures ratios within one run instead:
+
+* against the baseline model (``against=``): candidate and baseline engines are
+  timed interleaved in one process, and the ratio of their medians is the
+  answer;
+* against a committed baseline file alone: each round times the candidate and a
+  fixed reference workload (a small ONNX Runtime conv stack built in process)
+  back to back, and the candidate's time in units of the reference is compared
+  with the baseline's, measured the same way when the baseline was written.
+  Machine drift moves both alike. Only meaningful on the machine class the
+  baseline came from, which is checked.
+
+The decision is a 95% bootstrap interval on the ratio. Above ``1 +
+max_latency_regression`` as a whole: fail. Below it as a whole: pass. Straddling
+it: measure again (up to three times), then decide by the point estimate and
+say so. ``p_regression`` is the bootstrap probability that the ratio exceeds the
+limit: how sure the verdict is.
+
+Fidelity is gated too when the candidate sits in a ``deploykit quantize``
+directory: the worst output SQNR may not drop by more than ``max_sqnr_drop_db``,
+nor the mAP by more than ``max_map_drop``. Deterministic, so no statistics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .artifacts import sha256_file, write_json
+from .bench import engine_feeds, interleaved, machine_info
+from .errors import BaselineError
+from .recipe import GateSpec, load_recipe
+
+FORMAT = "deploykit-baseline/1"
+MAX_ATTEMPTS = 3
+RESAMPLES = 4000
+# Single-threaded by default: on a shared machine, thread-pool contention is most of
+# the variance (measured on a 2-core VM: rounds spread +-5% on one thread, +-15% on
+# two), and a slower kernel is slower on one thread too.
+GATE_THREADS = 1
+BEST_OF = 3
+
+
+def reference_workload(threads: int) -> Callable[[], None]:
+    """A fixed ONNX Runtime graph (three 3x3 convs over 1x32x64x64, a few ms) whose
+    time tracks the machine's state: clock, cache and memory contention."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(3):
+        inits.append(numpy_helper.from_array((rng.standard_normal((32, 32, 3, 3)) * 0.05).astype(np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    graph = helper.make_graph(nodes, "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  [1, 32, 64, 64])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 32, 64, 64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see engines.ort.build
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": rng.standard_normal((1, 32, 64, 64)).astype(np.float32)}
+    return lambda: session.run(None, feed)
+
+
+@dataclass
+class Timing:
+    """Per-round candidate and reference times (seconds) from one interleaved run."""
+
+    method: str  # "reference workload" or "interleaved A/B"
+    candidate: np.ndarray
+    reference: np.ndarray
+    reference_repeats: int = 1
+
+    def normalized(self) -> np.ndarray:
+        return self.candidate / self.reference
+
+
+def _candidate_call(model: Path, threads: int | None, custom_ops: str):
+    from .engines import ort as ort_engine
+
+    engine = ort_engine.build(model, custom_ops=custom_ops, threads=threads, spinning=False)
+    feeds, _ = engine_feeds(model, engine)
+    return engine, (lambda: engine.run(feeds))
+
+
+def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops: str = "function",
+            against: Path | None = None, reference_repeats: int | None = None, warmup: int = 3) -> Timing:
+    """Time ``model`` interleaved with the baseline model (``against``) or with the
+    reference workload, ``reference_repeats`` calls of it per round (default: enough
+    to take about as long as the model, at most 100 ms). Each round keeps the
+    fastest of ``BEST_OF`` calls of each."""
+    engine, run = _candidate_call(model, threads, custom_ops)
+    if against is not None:
+        _, base = _candidate_call(against, engine.threads, custom_ops)
+        s = interleaved({"candidate": run, "baseline": base}, warmup=warmup, rounds=rounds, best_of=BEST_OF)
+        return Timing("interleaved A/B", s["candidate"], s["baseline"])
+    ref = reference_workload(engine.threads)
+    if reference_repeats is None:
+        t_model = np.median([_timed(run) for _ in range(3)])
+        t_ref = np.median([_timed(ref) for _ in range(5)])
+        reference_repeats = int(np.clip(np.ceil(min(t_model, 0.1) / t_ref), 1, 200))
+
+    def ref_block():
+        for _ in range(reference_repeats):
+            ref()
+
+    s = interleaved({"candidate": run, "reference": ref_block}, warmup=warmup, rounds=rounds, best_of=BEST_OF)
+    return Timing("reference workload", s["candidate"], s["reference"], reference_repeats)
+
+
+def _timed(fn) -> float:
+    import time
+
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass
+class LatencyVerdict:
+    ratio: float
+    ci95: tuple[float, float]
+    limit: float
+    p_regression: float
+    verdict: str  # "pass", "fail", or "pass (inconclusive)" / "fail (inconclusive)"
+    method: str
+    rounds: int
+    attempts: int
+    candidate_median_ms: float
+    baseline_median_ms: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.startswith("pass")
+
+
+def bootstrap_ratio(candidate: np.ndarray, baseline: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of median(candidate) / median(baseline)."""
+    rng = np.random.default_rng(seed)
+    ic = rng.integers(0, candidate.size, (RESAMPLES, candidate.size))
+    ib = rng.integers(0, baseline.size, (RESAMPLES, baseline.size))
+    return np.median(candidate[ic], axis=1) / np.median(baseline[ib], axis=1)
+
+
+def decide(candidate: np.ndarray, baseline: np.ndarray, threshold: float) -> tuple[float, float, float, float, str]:
+    """(ratio, ci low, ci high, p_regression, verdict) for two samples of per-round values."""
+    ratio = float(np.median(candidate) / np.median(baseline))
+    boot = bootstrap_ratio(candidate, baseline)
+    lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    limit = 1.0 + threshold
+    p = float(np.mean(boot > limit))
+    if lo > limit:
+        return ratio, lo, hi, p, "fail"
+    if hi < limit:
+        return ratio, lo, hi, p, "pass"
+    return ratio, lo, hi, p, ("fail" if ratio > limit else "pass") + " (inconclusive)"
+
+
+@dataclass
+class Baseline:
+    data: dict
+    path: Path
+
+    @classmethod
+    def read(cls, path: Path) -> "Baseline":
+        if not path.is_file():
+            raise BaselineError(f"no baseline at {path}; write one on purpose with `deploykit gate --update "
+                                f"--baseline {path} CANDIDATE`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BaselineError(f"cannot read baseline {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BaselineError(f"{path} is not a deploykit baseline (format {FORMAT}); regenerate it with --update")
+        return cls(data, path)
+
+    def entry(self, name: str) -> dict:
+        entries = self.data["entries"]
+        if name not in entries:
+            raise BaselineError(f"baseline {self.path} has no entry for {name} (it has {', '.join(entries)}); "
+                                "add one with --update")
+        return entries[name]
+
+
+def machine_class(info: dict | None = None) -> dict:
+    info = info or machine_info()
+    return {"cpu": info["cpu"], "cores": info["cores"]}
+
+
+def candidate_context(model: Path) -> tuple[str | None, dict | None]:
+    """(recipe, fidelity summary) from the manifest and fidelity.json beside a model."""
+    manifest = model.parent / "manifest.json"
+    recipe = json.loads(manifest.read_text()).get("recipe") if manifest.is_file() else None
+    if isinstance(recipe, dict):  # convert's manifest holds the whole recipe, quantize's its name
+        recipe = recipe.get("name")
+    fidelity_file = model.parent / "fidelity.json"
+    if not fidelity_file.is_file():
+        return recipe, None
+    return recipe, fidelity_summary(json.loads(fidelity_file.read_text()), model.name)
+
+
+def fidelity_summary(report: dict, model_name: str) -> dict | None:
+    """Worst output SQNR and mAP of the configuration a quantized model file holds."""
+    key = {"model.int8.qdq.onnx": "int8", "model.qdq.onnx": "int8_int16"}.get(model_name)
+    if key is None or key not in report:
+        return None
+    out = {"configuration": key, "worst_sqnr_db": min(f["sqnr_db"] for f in report[key])}
+    if "task_map" in report and key in report["task_map"]:
+        out["mAP"] = report["task_map"][key]["mAP"]
+    return out
+
+
+@dataclass
+class GateResult:
+    candidate: str
+    latency: LatencyVerdict | None
+    fidelity: list[dict] = field(default_factory=list)  # {"metric", "baseline", "candidate", "limit", "passed"}
+
+    @property
+    def passed(self) -> bool:
+        return (self.latency is None or self.latency.passed) and all(f["passed"] for f in self.fidelity)
+
+    def to_dict(self) -> dict:
+        lat = None if self.latency is None else {k: v for k, v in self.latency.__dict__.items()}
+        return {"candidate": self.candidate, "passed": self.passed, "latency": lat, "fidelity": self.fidelity}
+
+
+def _spec(recipe_name: str | None) -> GateSpec:
+    return load_recipe(recipe_name).gate if recipe_name else GateSpec()
+
+
+def check_fidelity(base: dict | None, cand: dict | None, spec: GateSpec) -> list[dict]:
+    if not base or not cand:
+        return []
+    rows = [{"metric": "worst output SQNR (dB)", "baseline": base["worst_sqnr_db"],
+             "candidate": cand["worst_sqnr_db"], "limit": base["worst_sqnr_db"] - spec.max_sqnr_drop_db}]
+    if "mAP" in base and "mAP" in cand:
+        rows.append({"metric": "mAP", "baseline": base["mAP"], "candidate": cand["mAP"],
+                     "limit": base["mAP"] - spec.max_map_drop})
+    for r in rows:
+        r["passed"] = bool(r["candidate"] >= r["limit"])
+    return rows
+
+
+def gate(baseline_path: Path, candidate: Path, *, against: Path | None = None, threads: int | None = None,
+         custom_ops: str = "function", rounds: int | None = None, other_machine: str = "error",
+         on_attempt: Callable[[int], None] | None = None) -> GateResult:
+    """Compare one candidate model with its entry (by file name) in the baseline file."""
+    base = Baseline.read(baseline_path)
+    entry = base.entry(candidate.name)
+    recipe, cand_fidelity = candidate_context(candidate)
+    if recipe and base.data.get("recipe") and recipe != base.data["recipe"]:
+        raise BaselineError(f"{candidate} was made from recipe {recipe}, the baseline {baseline_path} from "
+                            f"{base.data['recipe']}; use that recipe's baseline")
+    spec = _spec(base.data.get("recipe"))
+    here = machine_class()
+    if against is None and base.data["machine_class"] != here:
+        msg = (f"baseline {baseline_path} was measured on {base.data['machine_class']}, this is {here}: latency "
+               "in units of the reference workload does not carry across machine classes; pass --against "
+               "BASELINE_MODEL to measure both here, or write a baseline for this machine with --update")
+        if other_machine == "error":
+            raise BaselineError(msg)
+        from .progress import console
+
+        console().print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
+    rounds = rounds or spec.rounds
+    threads = threads or entry["settings"]["intra_op_threads"]
+    cand_samples: list[np.ndarray] = []  # what is compared: seconds (A/B) or reference units
+    base_samples: list[np.ndarray] = []
+    cand_seconds: list[np.ndarray] = []
+    baseline_norm = np.asarray(entry["latency"]["normalized_rounds"])
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        if on_attempt:
+            on_attempt(attempt)
+        t = measure(candidate, rounds=rounds, threads=threads, custom_ops=custom_ops, against=against,
+                    reference_repeats=None if against else entry["latency"]["reference_repeats"])
+        cand_samples.append(t.candidate if against else t.normalized())
+        cand_seconds.append(t.candidate)
+        if against is not None:
+            base_samples.append(t.reference)
+        c = np.concatenate(cand_samples)
+        b = np.concatenate(base_samples) if against is not None else baseline_norm
+        ratio, lo, hi, p, verdict = decide(c, b, spec.max_latency_regression)
+        if "inconclusive" not in verdict:
+            break
+    latency = LatencyVerdict(
+        ratio, (lo, hi), 1 + spec.max_latency_regression, p, verdict, t.method, int(c.size), attempt,
+        float(np.median(np.concatenate(cand_seconds)) * 1e3),
+        float(np.median(b) * 1e3) if against is not None else entry["latency"]["median_ms"])
+    return GateResult(str(candidate), latency, check_fidelity(entry.get("fidelity"), cand_fidelity, spec))
+
+
+def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int | None = None,
+                    custom_ops: str = "function", rounds: int | None = None) -> dict:
+    """Measure the candidates and write them as the baseline (one entry per file name)."""
+    recipes = {candidate_context(c)[0] for c in candidates}
+    if len(recipes) > 1:
+        raise BaselineError(f"one baseline file holds one recipe; these candidates come from {sorted(map(str, recipes))}")
+    recipe = recipes.pop()
+    spec = _spec(recipe)
+    entries = {}
+    for c in candidates:
+        used_threads = threads or GATE_THREADS
+        t = measure(c, rounds=rounds or spec.rounds, threads=used_threads, custom_ops=custom_ops)
+        entries[c.name] = {
+            "model_sha256": sha256_file(c),
+            "settings": {"intra_op_threads": used_threads, "custom_ops": custom_ops},
+            "latency": {"median_ms": float(np.median(t.candidate) * 1e3),
+                        "reference_median_ms": float(np.median(t.reference) * 1e3),
+                        "reference_repeats": t.reference_repeats,
+                        "normalized_rounds": [round(float(v), 6) for v in t.normalized()]},
+            "fidelity": candidate_context(c)[1],
+        }
+    import onnxruntime
+
+    if baseline_path.is_file():  # other entries of the same recipe and machine class stay
+        try:
+            old = Baseline.read(baseline_path).data
+        except BaselineError:
+            old = None
+        if old and old.get("recipe") == recipe and old.get("machine_class") == machine_class():
+            entries = {**old["entries"], **entries}
+    data = {"format": FORMAT, "recipe": recipe, "machine_class": machine_class(), "machine": machine_info(),
+            "versions": {"deploykit": __version__, "onnxruntime": onnxruntime.__version__},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "entries": entries}
+    write_json(baseline_path, data)
+    return data

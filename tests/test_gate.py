@@ -1,0 +1,151 @@
+"""The regression gate: planted slowdowns fail, unchanged models pass, bad baselines are refused."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from deploykit.cli import main
+from deploykit.gate import FORMAT, decide, gate, update_baseline
+
+
+def conv_chain(path, layers: int):
+    """``layers`` identical 3x3 convs: k + 20% layers is a planted 20% slowdown."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.05).astype(np.float32), "w")
+    nodes, x = [], "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("Conv", [x, "w"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        x = f"c{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 48, 48])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 16, 48, 48])], [w])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    base = conv_chain(root / "base" / "model.onnx", 10)
+    same = conv_chain(root / "same" / "model.onnx", 10)
+    slow = conv_chain(root / "slow" / "model.onnx", 12)
+    baseline = root / "baseline.json"
+    update_baseline(baseline, [base], rounds=30)
+    return baseline, base, same, slow
+
+
+def test_decision_rule():
+    rng = np.random.default_rng(0)
+    base = 1 + 0.03 * rng.standard_normal(40)
+    assert decide(1.25 + 0.03 * rng.standard_normal(40), base, 0.10)[4] == "fail"
+    assert decide(1.00 + 0.03 * rng.standard_normal(40), base, 0.10)[4] == "pass"
+    ratio, lo, hi, p, verdict = decide(1.10 + 0.10 * rng.standard_normal(40), base, 0.10)
+    assert lo < 1.10 < hi and verdict.endswith("(inconclusive)") and 0 < p < 1
+
+
+def test_planted_20_percent_slowdown_fails_and_unchanged_passes(chains):
+    baseline, base, same, slow = chains
+    slow_result = gate(baseline, slow)
+    assert not slow_result.passed and slow_result.latency.verdict.startswith("fail")
+    assert 1.12 < slow_result.latency.ratio < 1.3 and slow_result.latency.p_regression > 0.9
+    for _ in range(3):  # repeated runs: no chance failures
+        result = gate(baseline, same)
+        assert result.passed, result.latency
+        assert 0.9 < result.latency.ratio < 1.08
+
+
+def test_against_the_baseline_model_interleaved(chains):
+    _, base, same, slow = chains
+    baseline = chains[0]
+    assert gate(baseline, slow, against=base).latency.verdict.startswith("fail")
+    result = gate(baseline, same, against=base)
+    assert result.passed and result.latency.method == "interleaved A/B"
+
+
+def test_cli_exit_codes(chains, tmp_path):
+    baseline, base, same, slow = chains
+    run = CliRunner().invoke
+    assert run(main, ["gate", "--baseline", str(baseline), str(same)]).exit_code == 0
+    failed = run(main, ["gate", "--baseline", str(baseline), str(slow), "--json", str(tmp_path / "v.json")])
+    assert failed.exit_code == 10, failed.output
+    assert "regression in" in failed.output
+    assert json.loads((tmp_path / "v.json").read_text())["results"][0]["passed"] is False
+
+    missing = run(main, ["gate", "--baseline", str(tmp_path / "none.json"), str(same)])
+    assert missing.exit_code == 11 and "--update" in missing.output
+    assert not (tmp_path / "none.json").exists()  # never written without --update
+
+    data = json.loads(baseline.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**data, "machine_class": {"cpu": "Some Other CPU", "cores": 64}}))
+    refused = run(main, ["gate", "--baseline", str(other), str(same)])
+    assert refused.exit_code == 11 and "machine class" in refused.output
+    assert run(main, ["gate", "--baseline", str(other), str(same), "--other-machine", "warn"]).exit_code == 0
+
+    (tmp_path / "bad.json").write_text("{not json")
+    assert run(main, ["gate", "--baseline", str(tmp_path / "bad.json"), str(same)]).exit_code == 11
+    (tmp_path / "old.json").write_text(json.dumps({**data, "format": "something-else"}))
+    assert run(main, ["gate", "--baseline", str(tmp_path / "old.json"), str(same)]).exit_code == 11
+
+    renamed = tmp_path / "x" / "model.int8.qdq.onnx"
+    renamed.parent.mkdir()
+    shutil.copy(same, renamed)
+    no_entry = run(main, ["gate", "--baseline", str(baseline), str(renamed)])
+    assert no_entry.exit_code == 11 and "no entry for model.int8.qdq.onnx" in no_entry.output
+
+    garbage = tmp_path / "g" / "model.onnx"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not an onnx file")
+    assert run(main, ["gate", "--baseline", str(baseline), str(garbage)]).exit_code == 9
+
+
+def test_baseline_of_another_recipe_is_refused(chains, tmp_path):
+    baseline, _, same, _ = chains
+    cand = tmp_path / "c" / "model.onnx"
+    cand.parent.mkdir()
+    shutil.copy(same, cand)
+    (cand.parent / "manifest.json").write_text(json.dumps({"recipe": {"name": "bevformer_small"}}))
+    data = json.loads(baseline.read_text())
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps({**data, "recipe": "centerpoint_pillar_small"}))
+    result = CliRunner().invoke(main, ["gate", "--baseline", str(other), str(cand)])
+    assert result.exit_code == 11 and "recipe bevformer_small" in result.output
+
+
+def test_fidelity_regression_fails_without_timing_noise(chains, tmp_path):
+    _, base, _, _ = chains
+
+    def quantized_dir(name, sqnr, map_):
+        d = tmp_path / name
+        d.mkdir()
+        shutil.copy(base, d / "model.int8.qdq.onnx")
+        (d / "manifest.json").write_text(json.dumps({"recipe": "centerpoint_pillar_synth"}))
+        (d / "fidelity.json").write_text(json.dumps({
+            "int8": [{"name": "a", "sqnr_db": sqnr}, {"name": "b", "sqnr_db": sqnr + 5}],
+            "task_map": {"int8": {"mAP": map_}}}))
+        return d / "model.int8.qdq.onnx"
+
+    baseline = tmp_path / "q.json"
+    data = update_baseline(baseline, [quantized_dir("base", 25.0, 0.93)], rounds=10)
+    assert data["entries"]["model.int8.qdq.onnx"]["fidelity"] == {"configuration": "int8", "worst_sqnr_db": 25.0,
+                                                                   "mAP": 0.93}
+    ok = gate(baseline, quantized_dir("ok", 24.5, 0.925))  # within 1 dB and 0.01 mAP (the recipe's [gate])
+    assert [f["passed"] for f in ok.fidelity] == [True, True]
+    worse = gate(baseline, quantized_dir("worse", 22.0, 0.90))
+    assert [f["passed"] for f in worse.fidelity] == [False, False] and not worse.passed
+
+
+def test_update_is_explicit_and_keeps_other_entries(chains, tmp_path):
+    _, base, same, _ = chains
+    baseline = tmp_path / "b.json"
+    update_baseline(baseline, [base], rounds=5)
+    other = tmp_path / "q" / "model.int8.qdq.onnx"
+    other.parent.mkdir()
+    shutil.copy(same, other)
+    data = update_baseline(baseline, [other], rounds=5)
+    assert data["format"] == FORMAT and set(data["entries"]) == {"model.onnx", "model.int8.qdq.onnx"}
