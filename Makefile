@@ -1,6 +1,7 @@
 # Two commands for a fresh machine with only Python 3.11:
 #   make demo   convert + benchmark the bundled nuScenes CenterPoint-PointPillars
 #   make test   run the test suite
+#   make gate   latency and fidelity regression gate against benchmarks/baselines/
 # Both create .venv and install what they need (torch pinned to the CPU wheel).
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= centerpoint_pillar_nus
 
-.PHONY: demo test bench clean
+.PHONY: demo test gate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Gate this checkout's small models against benchmarks/baselines/ (exit 10 on a regression).
+gate: $(STAMP)
+	$(PY) benchmarks/ci_gate.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_lidar_rewrites.py

@@ -73,6 +73,17 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike) -> None:
+    """safetensors.torch.save_file with the usual file mode: it creates files 0600,
+    which would make a shared artifact directory unreadable to the rest of a team."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON through a temporary file so a reader never sees half of it."""
     text = json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"

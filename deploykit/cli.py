@@ -116,6 +116,9 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
 @click.option("--baseline", "-b", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Baseline JSON (benchmarks/baselines/<recipe>.json); entries are matched by model file name.")
 @click.option("--update", is_flag=True, help="Measure the candidates and write them as the new baseline.")
+@click.option("--store-models", is_flag=True,
+              help="With --update: keep a copy of each model beside the baseline, so later gates time the candidate "
+                   "against it interleaved (machine-independent).")
 @click.option("--against", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The baseline model itself: time it interleaved with the candidate (one candidate only).")
 @click.option("--threads", type=int, help="Intra-op threads (default: the baseline's).")
@@ -125,7 +128,7 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
               help="A baseline from another machine class: refuse, or compare anyway with a warning.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the verdicts.")
 @handle_errors
-def gate(candidates, baseline, update, against, threads, rounds, custom_ops, other_machine, json_path):
+def gate(candidates, baseline, update, store_models, against, threads, rounds, custom_ops, other_machine, json_path):
     """Fail (exit 10) when a candidate is slower or less faithful than its baseline.
 
     \b
@@ -145,7 +148,8 @@ def gate(candidates, baseline, update, against, threads, rounds, custom_ops, oth
     if update:
         if against:
             raise click.BadParameter("--update measures the candidates themselves; drop --against")
-        data = update_baseline(baseline, list(candidates), threads=threads, custom_ops=custom_ops, rounds=rounds)
+        data = update_baseline(baseline, list(candidates), threads=threads, custom_ops=custom_ops, rounds=rounds,
+                               store_models=store_models)
         for name, e in data["entries"].items():
             click.echo(f"{name}: {e['latency']['median_ms']:.2f} ms, "
                        f"{np.median(e['latency']['normalized_rounds']):.3f} reference units")

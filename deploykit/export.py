@@ -30,7 +30,7 @@ import onnx
 import torch
 
 from . import __version__
-from .artifacts import atomic_directory, ensure_writable, sha256_file, write_json
+from .artifacts import atomic_directory, ensure_writable, save_safetensors, sha256_file, write_json
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
 from .errors import CheckFailedError, ExportError
@@ -180,9 +180,7 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                     + _cap_hint(model)
                 )
         with steps.step("write weights, sample inputs and manifest"):
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(scratch / "weights.safetensors"))
+            save_safetensors(model.state_dict(), scratch / "weights.safetensors")
             np.savez(scratch / "inputs.npz", **samples[0].feeds)
             manifest = _manifest(recipe, model, ckpt_path, ckpt_meta, passes, exported, samples[0], steps.timings,
                                  custom_ops)

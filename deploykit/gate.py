@@ -5,8 +5,10 @@ catching, so a gate never compares a latency with a number measured on another
 day. It measures ratios within one run instead:
 
 * against the baseline model (``against=``): candidate and baseline engines are
-  timed interleaved in one process, and the ratio of their medians is the
-  answer;
+  timed back to back in each round, in one process, and the median of the
+  per-round ratios is the answer (drift cancels within a round);
+* against the model a baseline file stored beside itself (``--update
+  --store-models``): the same, found automatically;
 * against a committed baseline file alone: each round times the candidate and a
   fixed reference workload (a small ONNX Runtime conv stack built in process)
   back to back, and the candidate's time in units of the reference is compared
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from . import __version__
-from .artifacts import sha256_file, write_json
+from .artifacts import atomic_file, sha256_file, write_json
 from .bench import engine_feeds, interleaved, machine_info
 from .errors import BaselineError
 from .recipe import GateSpec, load_recipe
@@ -269,7 +272,7 @@ def gate(baseline_path: Path, candidate: Path, *, against: Path | None = None, t
                             f"{base.data['recipe']}; use that recipe's baseline")
     spec = _spec(base.data.get("recipe"))
     here = machine_class()
-    if against is None and base.data["machine_class"] != here:
+    if against is None and not entry.get("model_file") and base.data["machine_class"] != here:
         msg = (f"baseline {baseline_path} was measured on {base.data['machine_class']}, this is {here}: latency "
                "in units of the reference workload does not carry across machine classes; pass --against "
                "BASELINE_MODEL to measure both here, or write a baseline for this machine with --update")
@@ -278,36 +281,53 @@ def gate(baseline_path: Path, candidate: Path, *, against: Path | None = None, t
         from .progress import console
 
         console().print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
+    if against is None and entry.get("model_file"):
+        against = _stored_model(base, entry)
     rounds = rounds or spec.rounds
     threads = threads or entry["settings"]["intra_op_threads"]
-    cand_samples: list[np.ndarray] = []  # what is compared: seconds (A/B) or reference units
-    base_samples: list[np.ndarray] = []
+    # A/B: the per-round ratio candidate / baseline (timed back to back, so drift
+    # cancels within the pair) against 1. Reference mode: the candidate's per-round
+    # time in reference units against the baseline's rounds.
+    compared: list[np.ndarray] = []
     cand_seconds: list[np.ndarray] = []
-    baseline_norm = np.asarray(entry["latency"]["normalized_rounds"])
+    base_seconds: list[np.ndarray] = []
+    against_values = np.ones(1) if against is not None else np.asarray(entry["latency"]["normalized_rounds"])
     for attempt in range(1, MAX_ATTEMPTS + 1):
         if on_attempt:
             on_attempt(attempt)
         t = measure(candidate, rounds=rounds, threads=threads, custom_ops=custom_ops, against=against,
                     reference_repeats=None if against else entry["latency"]["reference_repeats"])
-        cand_samples.append(t.candidate if against else t.normalized())
+        compared.append(t.normalized())
         cand_seconds.append(t.candidate)
-        if against is not None:
-            base_samples.append(t.reference)
-        c = np.concatenate(cand_samples)
-        b = np.concatenate(base_samples) if against is not None else baseline_norm
-        ratio, lo, hi, p, verdict = decide(c, b, spec.max_latency_regression)
+        base_seconds.append(t.reference)
+        c = np.concatenate(compared)
+        ratio, lo, hi, p, verdict = decide(c, against_values, spec.max_latency_regression)
         if "inconclusive" not in verdict:
             break
     latency = LatencyVerdict(
         ratio, (lo, hi), 1 + spec.max_latency_regression, p, verdict, t.method, int(c.size), attempt,
         float(np.median(np.concatenate(cand_seconds)) * 1e3),
-        float(np.median(b) * 1e3) if against is not None else entry["latency"]["median_ms"])
+        float(np.median(np.concatenate(base_seconds)) * 1e3) if against is not None
+        else entry["latency"]["median_ms"])
     return GateResult(str(candidate), latency, check_fidelity(entry.get("fidelity"), cand_fidelity, spec))
 
 
+def _stored_model(base: Baseline, entry: dict) -> Path:
+    path = base.path.parent / entry["model_file"]
+    if not path.is_file():
+        raise BaselineError(f"baseline {base.path} times against {path}, which is missing; restore it or "
+                            "rewrite the baseline with --update")
+    if sha256_file(path) != entry["model_sha256"]:
+        raise BaselineError(f"{path} is not the model baseline {base.path} was measured with (sha256 differs); "
+                            "rewrite the baseline with --update")
+    return path
+
+
 def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int | None = None,
-                    custom_ops: str = "function", rounds: int | None = None) -> dict:
-    """Measure the candidates and write them as the baseline (one entry per file name)."""
+                    custom_ops: str = "function", rounds: int | None = None, store_models: bool = False) -> dict:
+    """Measure the candidates and write them as the baseline (one entry per file name).
+    ``store_models`` copies each model next to the baseline (``<baseline stem>/<file>``):
+    later gates then time the candidate against it interleaved, on any machine."""
     recipes = {candidate_context(c)[0] for c in candidates}
     if len(recipes) > 1:
         raise BaselineError(f"one baseline file holds one recipe; these candidates come from {sorted(map(str, recipes))}")
@@ -326,6 +346,12 @@ def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int
                         "normalized_rounds": [round(float(v), 6) for v in t.normalized()]},
             "fidelity": candidate_context(c)[1],
         }
+        if store_models:
+            stored = baseline_path.parent / baseline_path.stem / c.name
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(stored) as tmp:
+                shutil.copyfile(c, tmp)
+            entries[c.name]["model_file"] = str(stored.relative_to(baseline_path.parent))
     import onnxruntime
 
     if baseline_path.is_file():  # other entries of the same recipe and machine class stay

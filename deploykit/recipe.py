@@ -87,7 +87,7 @@ class QuantizeSpec:
 class GateSpec:
     # `deploykit gate`: fail when the candidate's latency ratio to the baseline is
     # confidently above 1 + this (the whole 95% interval beyond it)...
-    max_latency_regression: float = 0.10
+    max_latency_regression: float = 0.05
     # ...or its worst output SQNR fell by more than this many dB, or its mAP by more than this.
     max_sqnr_drop_db: float = 1.0
     max_map_drop: float = 0.01

@@ -104,6 +104,8 @@ def test_overwrite_replaces_atomically(tmp_path, small_recipe):
     assert not (out / "stale.txt").exists() and (out / "model.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out.stat().st_mode & 0o777) != 0o700  # readable like any directory the user makes
+    # ... and so is every file in it (safetensors alone would create its file 0600)
+    assert all((p.stat().st_mode & 0o044) == (out.stat().st_mode & 0o044) for p in out.iterdir())
 
 
 def test_inputs_npz_feeds_the_engine(converted_dir):

@@ -149,3 +149,20 @@ def test_update_is_explicit_and_keeps_other_entries(chains, tmp_path):
     shutil.copy(same, other)
     data = update_baseline(baseline, [other], rounds=5)
     assert data["format"] == FORMAT and set(data["entries"]) == {"model.onnx", "model.int8.qdq.onnx"}
+
+
+def test_stored_baseline_model_is_timed_interleaved_on_any_machine(chains, tmp_path):
+    _, base, same, slow = chains
+    baseline = tmp_path / "recipe.json"
+    update_baseline(baseline, [base], rounds=5, store_models=True)
+    stored = tmp_path / "recipe" / "model.onnx"
+    assert stored.read_bytes() == base.read_bytes()
+    data = json.loads(baseline.read_text())
+    assert data["entries"]["model.onnx"]["model_file"] == "recipe/model.onnx"
+    baseline.write_text(json.dumps({**data, "machine_class": {"cpu": "Some Other CPU", "cores": 64}}))
+    result = gate(baseline, slow)  # no machine-class refusal: both models are timed here
+    assert result.latency.method == "interleaved A/B" and not result.passed
+    assert gate(baseline, same).passed
+    stored.write_bytes(slow.read_bytes())
+    refused = CliRunner().invoke(main, ["gate", "--baseline", str(baseline), str(same)])
+    assert refused.exit_code == 11 and "sha256 differs" in refused.output

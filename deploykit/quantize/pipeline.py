@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifacts import atomic_directory, ensure_writable, sha256_file, write_json
+from ..artifacts import atomic_directory, ensure_writable, save_safetensors, sha256_file, write_json
 from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
 from ..errors import InputError, RecipeError
@@ -167,14 +167,11 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
             report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, fake, scratch,
                                                                    recipe.convert.opset)
         with steps.step("write quantized state, fidelity report and manifest"):
-            from safetensors.torch import save_file
-
             if search is not None:
                 write_json(scratch / "sensitivity.json", search.to_dict())
                 (scratch / "sensitivity.md").write_text(sensitivity_markdown(search, recipe.name))
                 sensitivity_plot(search, scratch / "sensitivity.png")
-            save_file({k: v.contiguous() for k, v in qmodel.state_dict().items()},
-                      str(scratch / "quant_state.safetensors"))
+            save_safetensors(qmodel.state_dict(), scratch / "quant_state.safetensors")
             write_json(scratch / "quantizers.json", [_describe(name, q) for name, q in quantizers(qmodel).items()
                                                      if name in active])
             write_json(scratch / "fidelity.json", {"samples": [s.info for s in samples], **report})
