@@ -156,6 +156,49 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def recipe_beside(model_path: Path) -> str | None:
+    """The recipe named by the manifest.json that convert or quantize wrote beside a model."""
+    import json
+
+    manifest = Path(model_path).parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    recipe = json.loads(manifest.read_text()).get("recipe")
+    return recipe.get("name") if isinstance(recipe, dict) else recipe  # convert stores the recipe, quantize its name
+
+
+def peak_memory(model_path: Path, *, custom_ops: str, threads: int | None, runs: int = 3) -> int | None:
+    """Peak resident memory (bytes) that building ``model_path``'s engine and running it
+    ``runs`` times adds to a fresh process: measured in a child process, since memory
+    a process freed stays resident and would hide the next engine's. Linux only (VmHWM);
+    None elsewhere."""
+    import multiprocessing
+
+    if not Path("/proc/self/status").exists():
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_peak_memory_child, (str(model_path), custom_ops, threads, runs))
+
+
+def _peak_memory_child(model_path: str, custom_ops: str, threads: int | None, runs: int) -> int:
+    from .engines import ort as ort_engine
+
+    start = _proc_status("VmRSS")
+    engine = ort_engine.build(model_path, custom_ops=custom_ops, threads=threads)
+    feeds, _ = engine_feeds(Path(model_path), engine)
+    for _ in range(runs):  # ORT's arena grows on the first runs
+        engine.run(feeds)
+    return max(0, _proc_status("VmHWM") - start)
+
+
+def _proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
 def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
     """Realistic inputs if ``convert`` left them beside the model, else synthetic.
 
@@ -182,8 +225,10 @@ def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
 
 
 def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str = "function",
-                threads: int | None = None, warmup: int = 10, iterations: int = 50) -> dict[str, Any]:
-    """Benchmark one ONNX model; returns a JSON-ready result."""
+                threads: int | None = None, warmup: int = 10, iterations: int = 50,
+                stages: bool = False) -> dict[str, Any]:
+    """Benchmark one ONNX model; returns a JSON-ready result. ``stages`` adds the
+    per-stage breakdown from a separate profiled session (deploykit.profile)."""
     from .engines import ort as ort_engine
     from .errors import EngineError
 
@@ -196,12 +241,17 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
     feeds, source = engine_feeds(model_path, engine)
     with console().status(f"timing {model_path} ({warmup} warm-up + {iterations} runs)"):
         seconds = time_calls(lambda: engine.run(feeds), warmup=warmup, iterations=iterations)
+    with console().status(f"measuring peak memory of {model_path} in a fresh process"):
+        peak = peak_memory(model_path, custom_ops=custom_ops, threads=engine.threads)
     import onnxruntime
 
-    return {
+    recipe = recipe_beside(model_path)
+    result = {
         "model": str(model_path),
+        "recipe": recipe,
         "model_sha256": sha256_file(model_path),
         "model_bytes": model_path.stat().st_size,
+        "peak_memory_bytes": peak,
         "backend": backend,
         "settings": {"custom_ops": custom_ops, "intra_op_threads": engine.threads, "inter_op_threads": 1,
                      "execution_mode": "sequential", "graph_optimization": "all"},
@@ -210,3 +260,22 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
         "machine": machine_info(),
         "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
     }
+    if stages:
+        from .profile import stage_breakdown
+
+        with console().status(f"profiling {model_path} by stage"):
+            result["stages"] = stage_breakdown(model_path, runs=max(3, min(iterations, 20)), threads=engine.threads,
+                                               custom_ops=custom_ops, stages=_stage_table(recipe))
+    return result
+
+
+def _stage_table(recipe: str | None) -> tuple[tuple[str, str], ...]:
+    if recipe is None:
+        return ()
+    from .models import ARCHITECTURES
+    from .recipe import load_recipe
+
+    try:
+        return ARCHITECTURES[load_recipe(recipe).arch].stages
+    except Exception:  # noqa: BLE001 - a recipe that is gone only costs the stage names
+        return ()

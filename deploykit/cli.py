@@ -88,9 +88,12 @@ def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, s
 @click.option("--iterations", "-n", type=int, default=50, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the results as JSON.")
+@click.option("--stages", is_flag=True, help="Add a per-stage time breakdown from ONNX Runtime's profiler.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write bench.json, bench.md and bench.png into this directory.")
 @handle_errors
-def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
-    """Measure latency of one or more ONNX models.
+def bench(models, backend, custom_ops, threads, warmup, iterations, json_path, stages, report_dir):
+    """Measure latency, size and peak memory of one or more ONNX models.
 
     Uses the inputs.npz that `deploykit convert` wrote beside a model, else synthetic inputs.
     """
@@ -98,17 +101,29 @@ def bench(models, backend, custom_ops, threads, warmup, iterations, json_path):
     from .bench import bench_model
     from rich.console import Console
 
-    from .report import latency_table
+    from .report import latency_table, stage_table
 
     if warmup < 0 or iterations < 1:
         raise click.BadParameter("--warmup must be >= 0 and --iterations >= 1")
     results = [bench_model(m, backend=backend, custom_ops=custom_ops, threads=threads,
-                           warmup=warmup, iterations=iterations) for m in models]
+                           warmup=warmup, iterations=iterations, stages=stages) for m in models]
     Console(width=max(Console().width, 120)).print(latency_table(results))
+    for r in results:
+        if r.get("stages"):
+            Console(width=max(Console().width, 120)).print(stage_table(r))
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, {"results": results})
         click.echo(f"wrote {json_path}")
+    if report_dir:
+        from .artifacts import atomic_directory
+        from .report import bench_markdown, bench_plot
+
+        with atomic_directory(report_dir, overwrite=True) as scratch:
+            write_json(scratch / "bench.json", {"results": results})
+            (scratch / "bench.md").write_text(bench_markdown(results))
+            bench_plot(results, scratch / "bench.png")
+        click.echo(f"wrote {report_dir}/bench.{{json,md,png}}")
 
 
 @main.command()

@@ -18,8 +18,9 @@ day. It measures ratios within one run instead:
 
 The decision is a 95% bootstrap interval on the ratio. Above ``1 +
 max_latency_regression`` as a whole: fail. Below it as a whole: pass. Straddling
-it: measure again (up to three times), then decide by the point estimate and
-say so. ``p_regression`` is the bootstrap probability that the ratio exceeds the
+it: measure again (up to three times); still straddling, it passes, marked
+inconclusive: only a confident regression fails, so a noisy machine cannot fail
+unchanged code by chance, and a regression of twice the limit is still caught. ``p_regression`` is the bootstrap probability that the ratio exceeds the
 limit: how sure the verdict is.
 
 Fidelity is gated too when the candidate sits in a ``deploykit quantize``
@@ -40,7 +41,7 @@ import numpy as np
 
 from . import __version__
 from .artifacts import atomic_file, sha256_file, write_json
-from .bench import engine_feeds, interleaved, machine_info
+from .bench import engine_feeds, interleaved, machine_info, recipe_beside
 from .errors import BaselineError
 from .recipe import GateSpec, load_recipe
 
@@ -102,14 +103,20 @@ def _candidate_call(model: Path, threads: int | None, custom_ops: str):
 
 
 def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops: str = "function",
-            against: Path | None = None, reference_repeats: int | None = None, warmup: int = 3) -> Timing:
+            against: Path | None = None, reference_repeats: int | None = None, warmup: int = 3,
+            baseline_first: bool = False) -> Timing:
     """Time ``model`` interleaved with the baseline model (``against``) or with the
     reference workload, ``reference_repeats`` calls of it per round (default: enough
     to take about as long as the model, at most 100 ms). Each round keeps the
-    fastest of ``BEST_OF`` calls of each."""
+    fastest of ``BEST_OF`` calls of each. ``baseline_first`` builds the baseline's
+    session first (the gate alternates it between attempts, in case build order
+    matters to memory placement)."""
+    if against is not None and baseline_first:
+        _, base = _candidate_call(against, threads, custom_ops)
     engine, run = _candidate_call(model, threads, custom_ops)
     if against is not None:
-        _, base = _candidate_call(against, engine.threads, custom_ops)
+        if not baseline_first:
+            _, base = _candidate_call(against, engine.threads, custom_ops)
         s = interleaved({"candidate": run, "baseline": base}, warmup=warmup, rounds=rounds, best_of=BEST_OF)
         return Timing("interleaved A/B", s["candidate"], s["baseline"])
     ref = reference_workload(engine.threads)
@@ -171,7 +178,10 @@ def decide(candidate: np.ndarray, baseline: np.ndarray, threshold: float) -> tup
         return ratio, lo, hi, p, "fail"
     if hi < limit:
         return ratio, lo, hi, p, "pass"
-    return ratio, lo, hi, p, ("fail" if ratio > limit else "pass") + " (inconclusive)"
+    # Not confidently beyond the limit. Identical models measured on a busy 2-core VM
+    # have landed at ratio 1.05 with a 95% interval of 1.03-1.06, so failing on the
+    # point estimate would fail unchanged code by chance.
+    return ratio, lo, hi, p, "pass (inconclusive)"
 
 
 @dataclass
@@ -207,10 +217,7 @@ def machine_class(info: dict | None = None) -> dict:
 
 def candidate_context(model: Path) -> tuple[str | None, dict | None]:
     """(recipe, fidelity summary) from the manifest and fidelity.json beside a model."""
-    manifest = model.parent / "manifest.json"
-    recipe = json.loads(manifest.read_text()).get("recipe") if manifest.is_file() else None
-    if isinstance(recipe, dict):  # convert's manifest holds the whole recipe, quantize's its name
-        recipe = recipe.get("name")
+    recipe = recipe_beside(model)
     fidelity_file = model.parent / "fidelity.json"
     if not fidelity_file.is_file():
         return recipe, None
@@ -296,7 +303,8 @@ def gate(baseline_path: Path, candidate: Path, *, against: Path | None = None, t
         if on_attempt:
             on_attempt(attempt)
         t = measure(candidate, rounds=rounds, threads=threads, custom_ops=custom_ops, against=against,
-                    reference_repeats=None if against else entry["latency"]["reference_repeats"])
+                    reference_repeats=None if against else entry["latency"]["reference_repeats"],
+                    baseline_first=attempt % 2 == 0)
         compared.append(t.normalized())
         cand_seconds.append(t.candidate)
         base_seconds.append(t.reference)

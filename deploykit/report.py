@@ -16,11 +16,93 @@ def latency_table(results: list[dict]) -> Table:
     table.add_column("runs", justify="right")
     for col in LATENCY_COLUMNS:
         table.add_column(col.replace("_ms", "").replace("throughput_fps", "FPS"), justify="right")
+    table.add_column("size MB", justify="right")
+    table.add_column("peak MB", justify="right")
     for r in results:
         lat = r["latency"]
         table.add_row(r["model"], f'{r["backend"]}/{r["settings"]["custom_ops"]}',
-                      f'{lat["warmup"]}+{lat["iterations"]}', *(f"{lat[c]:.2f}" for c in LATENCY_COLUMNS))
+                      f'{lat["warmup"]}+{lat["iterations"]}', *(f"{lat[c]:.2f}" for c in LATENCY_COLUMNS),
+                      _mb(r.get("model_bytes")), _mb(r.get("peak_memory_bytes")))
     return table
+
+
+def stage_table(result: dict) -> Table:
+    table = Table(title=f"stages of {result['model']} (ONNX Runtime profile)")
+    for col, justify in (("stage", "left"), ("ms per run", "right"), ("share", "right"), ("nodes", "right")):
+        table.add_column(col, justify=justify)
+    for x in result["stages"]:
+        table.add_row(x["stage"], f"{x['ms_per_run']:.2f}", f"{x['share']:.1%}", str(x["nodes"]))
+    return table
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def bench_markdown(results: list[dict]) -> str:
+    """The report `deploykit bench --report` writes: settings, latency, size, memory, stages."""
+    m = results[0]["machine"]
+    s = results[0]["settings"]
+    lines = ["# Benchmark", "",
+             f"{m['cpu']}, {m['cores']} cores; ONNX Runtime {results[0]['versions']['onnxruntime']}, "
+             f"{s['intra_op_threads']} intra-op threads, {s['execution_mode']} execution, graph optimization "
+             f"{s['graph_optimization']}. Latency over timed runs after warm-up; peak memory is the resident memory "
+             "added while building and running the engine.", "",
+             markdown_table(["model", "recipe", "runs", *(c.replace("_ms", " ms").replace("throughput_fps", "FPS")
+                                                          for c in LATENCY_COLUMNS), "size MB", "peak MB", "sha256"],
+                            [[r["model"], r.get("recipe") or "-", f"{r['latency']['warmup']}+{r['latency']['iterations']}",
+                              *(f"{r['latency'][c]:.2f}" for c in LATENCY_COLUMNS), _mb(r.get("model_bytes")),
+                              _mb(r.get("peak_memory_bytes")), r["model_sha256"][:12]] for r in results]), ""]
+    for r in results:
+        if r.get("stages"):
+            lines += [f"## Stages of {r['model']}", "",
+                      "Kernel time per run from ONNX Runtime's profile, grouped by the module each node came from.", "",
+                      markdown_table(["stage", "ms per run", "share", "nodes"],
+                                     [[x["stage"], f"{x['ms_per_run']:.2f}", f"{x['share']:.1%}", x["nodes"]]
+                                      for x in r["stages"]]), ""]
+    return "\n".join(lines)
+
+
+def bench_plot(results: list[dict], path) -> None:
+    """Latency (p50 bar, p90 and p99 marks) per model and, where profiled, its stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiled = [r for r in results if r.get("stages")]
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(13 if profiled else 6.5, 0.6 * len(results) + 1.6),
+                             squeeze=False)
+    names = [_short(r["model"]) for r in results][::-1]
+    lat = [r["latency"] for r in results][::-1]
+    ax = axes[0, 0]
+    ax.barh(names, [x["p50_ms"] for x in lat], color="#4878a8", label="p50")
+    ax.scatter([x["p90_ms"] for x in lat], names, marker="|", s=200, color="k", label="p90")
+    ax.scatter([x["p99_ms"] for x in lat], names, marker="|", s=200, color="#c44e52", label="p99")
+    ax.set_xlabel("latency (ms)")
+    ax.legend(fontsize=8, loc="lower right")
+    if profiled:
+        ax = axes[0, 1]
+        stage_names = list(dict.fromkeys(x["stage"] for r in profiled for x in r["stages"]))
+        colors = plt.get_cmap("tab20")
+        left = [0.0] * len(profiled)
+        labels = [_short(r["model"]) for r in profiled]
+        for i, stage in enumerate(stage_names):
+            widths = [next((x["ms_per_run"] for x in r["stages"] if x["stage"] == stage), 0.0) for r in profiled]
+            ax.barh(labels, widths, left=left, color=colors(i % 20), label=stage)
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set_xlabel("kernel time per run by stage (ms)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(model: str) -> str:
+    from pathlib import Path
+
+    p = Path(model)
+    return f"{p.parent.name}/{p.name}"
 
 
 def gate_table(results) -> Table:

@@ -34,9 +34,26 @@ def chains(tmp_path_factory):
     base = conv_chain(root / "base" / "model.onnx", 10)
     same = conv_chain(root / "same" / "model.onnx", 10)
     slow = conv_chain(root / "slow" / "model.onnx", 12)
-    baseline = root / "baseline.json"
-    update_baseline(baseline, [base], rounds=30)
+    baseline = root / "baseline.json"  # stores the model: candidates are timed against it, as in CI
+    update_baseline(baseline, [base], rounds=30, store_models=True)
     return baseline, base, same, slow
+
+
+@pytest.fixture()
+def reference_baseline(chains, tmp_path):
+    """A baseline without a stored model (reference-workload units), written right before use:
+    that mode compares with a past measurement, so load must not change in between."""
+    path = tmp_path / "reference.json"
+    update_baseline(path, [chains[1]], rounds=30)
+    return path
+
+
+def test_ten_percent_slowdown_fails_at_the_default_five_percent_limit(chains, tmp_path):
+    baseline, base, _, _ = chains
+    slower = conv_chain(tmp_path / "c" / "model.onnx", 11)
+    result = gate(baseline, slower, against=base)
+    assert result.latency.limit == pytest.approx(1.05)
+    assert result.latency.verdict == "fail", result.latency
 
 
 def test_decision_rule():
@@ -45,18 +62,26 @@ def test_decision_rule():
     assert decide(1.25 + 0.03 * rng.standard_normal(40), base, 0.10)[4] == "fail"
     assert decide(1.00 + 0.03 * rng.standard_normal(40), base, 0.10)[4] == "pass"
     ratio, lo, hi, p, verdict = decide(1.10 + 0.10 * rng.standard_normal(40), base, 0.10)
-    assert lo < 1.10 < hi and verdict.endswith("(inconclusive)") and 0 < p < 1
+    assert lo < 1.10 < hi and verdict == "pass (inconclusive)" and 0 < p < 1  # only confident regressions fail
 
 
 def test_planted_20_percent_slowdown_fails_and_unchanged_passes(chains):
     baseline, base, same, slow = chains
     slow_result = gate(baseline, slow)
-    assert not slow_result.passed and slow_result.latency.verdict.startswith("fail")
+    assert slow_result.latency.method == "interleaved A/B"
+    assert not slow_result.passed and slow_result.latency.verdict == "fail"
     assert 1.12 < slow_result.latency.ratio < 1.3 and slow_result.latency.p_regression > 0.9
     for _ in range(3):  # repeated runs: no chance failures
         result = gate(baseline, same)
         assert result.passed, result.latency
-        assert 0.9 < result.latency.ratio < 1.08
+        assert 0.92 < result.latency.ratio < 1.08
+
+
+def test_reference_workload_mode(chains, reference_baseline):
+    _, _, same, slow = chains
+    slow_result = gate(reference_baseline, slow)
+    assert slow_result.latency.method == "reference workload" and slow_result.latency.verdict == "fail"
+    assert gate(reference_baseline, same).passed
 
 
 def test_against_the_baseline_model_interleaved(chains):
@@ -67,7 +92,7 @@ def test_against_the_baseline_model_interleaved(chains):
     assert result.passed and result.latency.method == "interleaved A/B"
 
 
-def test_cli_exit_codes(chains, tmp_path):
+def test_cli_exit_codes(chains, reference_baseline, tmp_path):
     baseline, base, same, slow = chains
     run = CliRunner().invoke
     assert run(main, ["gate", "--baseline", str(baseline), str(same)]).exit_code == 0
@@ -80,7 +105,7 @@ def test_cli_exit_codes(chains, tmp_path):
     assert missing.exit_code == 11 and "--update" in missing.output
     assert not (tmp_path / "none.json").exists()  # never written without --update
 
-    data = json.loads(baseline.read_text())
+    data = json.loads(reference_baseline.read_text())
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**data, "machine_class": {"cpu": "Some Other CPU", "cores": 64}}))
     refused = run(main, ["gate", "--baseline", str(other), str(same)])

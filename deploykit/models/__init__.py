@@ -30,6 +30,8 @@ class Architecture:
     # (recipe, model, seeds) -> [(Sample, ground-truth Boxes, points per box)], where the
     # synthetic data has ground truth (deploykit.detection.evaluate); None where not.
     labelled_scenes: Callable[[Any, Any, Any], list] | None = None
+    # (module-path prefix, stage label) for the per-stage time breakdown (deploykit.profile)
+    stages: tuple[tuple[str, str], ...] = ()
 
 
 def _pillar_sample(cfg, seed, model):
@@ -59,6 +61,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         synthetic_init=_centerpoint_init,
         decode=decode.decode_centerpoint,
         labelled_scenes=evaluate.labelled_scenes,
+        stages=(("pts_voxel_encoder", "pillar encoder"), ("pts_middle_encoder", "pillar scatter"),
+                ("pts_backbone", "backbone"), ("pts_neck", "neck"), ("pts_bbox_head", "heads")),
     ),
     "bevformer": Architecture(
         config=bevformer.BEVFormerConfig,
@@ -66,6 +70,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         make_sample=_camera_sample,
         synthetic_init=bevformer.synthetic.synthetic_init,
         decode=decode.decode_bevformer,
+        stages=(("img_backbone", "image backbone"), ("img_neck", "image neck"),
+                ("pts_bbox_head/encoder", "BEV encoder"), ("pts_bbox_head/decoder", "decoder"),
+                ("pts_bbox_head", "embeddings and heads")),
     ),
 }
 
