@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_msda.py
 	$(PY) benchmarks/bench_bevformer.py
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_tool.py
 
 clean:
 	rm -rf build .cache

@@ -150,9 +150,10 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
     """Fail (exit 10) when a candidate is slower or less faithful than its baseline.
 
     \b
-    Latency: ratio to the baseline with a 95% bootstrap interval, measured interleaved
-    in this process (against --against, or against a fixed reference workload whose
-    units the baseline file stores). Fidelity (quantized candidates): worst output SQNR
+    Latency: ratio to the baseline with a 95% bootstrap interval, measured in this
+    process, round by round against the baseline model (--against, or the one stored
+    beside the baseline) or else against a fixed reference workload whose units the
+    baseline file stores; only a confident regression fails. Fidelity (quantized candidates): worst output SQNR
     and mAP from the fidelity.json beside the model. Thresholds: the recipe's [gate].
     """
     from rich.console import Console
