@@ -37,6 +37,8 @@ def run(doc: str, stem: str, default_recipes: str, default_rounds: dict[str, int
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help=f"only rewrite {stem}.md (and .png) from {stem}.json")
+    parser.add_argument("--merge", action="store_true",
+                        help=f"keep the other recipes of the existing {stem}.json, replacing only those measured now")
     args = parser.parse_args()
     if args.render:
         write_report(args.out, stem, json.loads((args.out / f"{stem}.json").read_text()), to_markdown, plot)
@@ -47,6 +49,10 @@ def run(doc: str, stem: str, default_recipes: str, default_rounds: dict[str, int
     with tempfile.TemporaryDirectory() as tmp:
         recipes = [bench_recipe(n, args.rounds or default_rounds.get(n, fallback_rounds), args.threads, Path(tmp))
                    for n in args.recipes.split(",")]
+    if args.merge and (args.out / f"{stem}.json").exists():
+        measured = {r["recipe"] for r in recipes}
+        old = json.loads((args.out / f"{stem}.json").read_text())["recipes"]
+        recipes = [r for r in old if r["recipe"] not in measured] + recipes
     report = {"date": datetime.date.today().isoformat(), "machine": machine_info(), "threads": args.threads,
               "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                            "numpy": np.__version__}, "recipes": recipes}
