@@ -199,15 +199,27 @@ def _proc_status(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
+def _sample_files(model_path: Path) -> list[Path]:
+    import json
+
+    found = [model_path.parent / "inputs.npz"]
+    manifest = model_path.parent / "manifest.json"
+    if manifest.is_file():
+        converted = json.loads(manifest.read_text()).get("converted")
+        if isinstance(converted, str):
+            found.append(Path(converted) / "inputs.npz")
+    return [f for f in found if f.is_file()]
+
+
 def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
-    """Realistic inputs if ``convert`` left them beside the model, else synthetic.
+    """Realistic inputs if ``convert`` left them beside the model (or beside the
+    converted model a ``quantize`` directory names in its manifest), else synthetic.
 
     Synthetic feeds are standard-normal floats and zero integers: right shapes,
     but sparse ops (pillar scatter) then do less work than on real data, so the
     source is reported with every result.
     """
-    sample = model_path.parent / "inputs.npz"
-    if sample.exists():
+    for sample in _sample_files(model_path):
         with np.load(sample) as data:
             feeds = {k: data[k] for k in data.files}
         if all(s.name in feeds and tuple(feeds[s.name].shape) == s.shape for s in engine.inputs):

@@ -95,12 +95,17 @@ class Timing:
         return self.candidate / self.reference
 
 
-def _candidate_call(model: Path, threads: int | None, custom_ops: str):
+def _candidate_call(model: Path, threads: int | None, custom_ops: str, feeds: dict | None = None):
+    """(engine, a call running it); ``feeds`` default to the inputs found beside the model."""
     from .engines import ort as ort_engine
 
     engine = ort_engine.build(model, custom_ops=custom_ops, threads=threads, spinning=False)
-    feeds, _ = engine_feeds(model, engine)
-    return engine, (lambda: engine.run(feeds))
+    if feeds is None:
+        feeds, _ = engine_feeds(model, engine)
+    elif [(i.name, i.shape, i.dtype) for i in engine.inputs] != [(n, a.shape, a.dtype.name) for n, a in feeds.items()]:
+        raise BaselineError(f"the baseline model {model} takes other inputs than the candidate: "
+                            f"{[i.to_dict() for i in engine.inputs]}")
+    return engine, (lambda: engine.run(feeds)), feeds
 
 
 def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops: str = "function",
@@ -112,12 +117,15 @@ def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops
     fastest of ``BEST_OF`` calls of each. ``baseline_first`` builds the baseline's
     session first (the gate alternates it between attempts, in case build order
     matters to memory placement)."""
-    if against is not None and baseline_first:
-        _, base = _candidate_call(against, threads, custom_ops)
-    engine, run = _candidate_call(model, threads, custom_ops)
+    # Both models run on the same feeds (the candidate's): a stored baseline model has no
+    # inputs.npz beside it, and synthetic pillars would scatter into one cell.
+    engine, run, feeds = _candidate_call(model, threads, custom_ops)
+    if against is not None and baseline_first:  # rebuild, so the baseline's session is the older
+        _, base, _ = _candidate_call(against, engine.threads, custom_ops, feeds)
+        engine, run, feeds = _candidate_call(model, threads, custom_ops, feeds)
     if against is not None:
         if not baseline_first:
-            _, base = _candidate_call(against, engine.threads, custom_ops)
+            _, base, _ = _candidate_call(against, engine.threads, custom_ops, feeds)
         s = interleaved({"candidate": run, "baseline": base}, warmup=warmup, rounds=rounds, best_of=BEST_OF)
         return Timing("interleaved A/B", s["candidate"], s["baseline"])
     ref = reference_workload(engine.threads)
@@ -312,7 +320,7 @@ def gate(baseline_path: Path, candidate: Path, *, against: Path | None = None, t
         c = np.concatenate(compared)
         ratio, lo, hi, p, verdict = decide(c, against_values, spec.max_latency_regression)
         # A/B takes two pairs of sessions at least: identical models have shown a steady
-        # 3.5% between one pair of sessions (memory placement), which a second pair,
+        # 3.5% between one pair of sessions (cause not pinned down), which a second pair,
         # built in the other order, averages with its own.
         if "inconclusive" not in verdict and (against is None or attempt >= MIN_AB_ATTEMPTS):
             break

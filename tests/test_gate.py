@@ -13,7 +13,7 @@ from deploykit.cli import main
 from deploykit.gate import FORMAT, decide, gate, update_baseline
 
 
-def conv_chain(path, layers: int):
+def conv_chain(path, layers: int, side: int = 48):
     """``layers`` identical 3x3 convs: k + 20% layers is a planted 20% slowdown."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.05).astype(np.float32), "w")
@@ -21,8 +21,9 @@ def conv_chain(path, layers: int):
     for i in range(layers):
         nodes.append(helper.make_node("Conv", [x, "w"], [f"c{i}"], pads=[1, 1, 1, 1]))
         x = f"c{i}"
-    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 48, 48])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 16, 48, 48])], [w])
+    shape = [1, 16, side, side]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)], [w])
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
@@ -191,3 +192,12 @@ def test_stored_baseline_model_is_timed_interleaved_on_any_machine(chains, tmp_p
     stored.write_bytes(slow.read_bytes())
     refused = CliRunner().invoke(main, ["gate", "--baseline", str(baseline), str(same)])
     assert refused.exit_code == 11 and "sha256 differs" in refused.output
+
+
+def test_both_models_run_on_the_candidates_feeds(chains, tmp_path):
+    from deploykit.errors import BaselineError
+
+    _, base, _, _ = chains
+    other = conv_chain(tmp_path / "o" / "model.onnx", 10, side=32)
+    with pytest.raises(BaselineError, match="takes other inputs than the candidate"):
+        gate(chains[0], other, against=base)
