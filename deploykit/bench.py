@@ -81,15 +81,18 @@ def interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, rounds: int
     return {n: np.asarray(v) for n, v in samples.items()}
 
 
-def ratio_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Median(a) / median(b) with a 95% bootstrap interval."""
+def bootstrap_ratio(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+    """Bootstrap distribution of median(a) / median(b), each resampled on its own."""
     rng = np.random.default_rng(seed)
-    ratio = float(np.median(a) / np.median(b))
     ia = rng.integers(0, a.size, (resamples, a.size))
     ib = rng.integers(0, b.size, (resamples, b.size))
-    boot = np.median(a[ia], axis=1) / np.median(b[ib], axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return ratio, float(lo), float(hi)
+    return np.median(a[ia], axis=1) / np.median(b[ib], axis=1)
+
+
+def ratio_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Median(a) / median(b) with a 95% bootstrap interval."""
+    lo, hi = np.percentile(bootstrap_ratio(a, b, resamples=resamples, seed=seed), [2.5, 97.5])
+    return float(np.median(a) / np.median(b)), float(lo), float(hi)
 
 
 def compare_engines(variants: dict[str, tuple], baseline: str, *, rounds: int, threads: int,
@@ -261,27 +264,16 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
         peak = peak_memory(model_path, custom_ops=custom_ops, threads=engine.threads)
     import onnxruntime
 
-    recipe = recipe_beside(model_path)
-    result = {
-        "model": str(model_path),
-        "recipe": recipe,
-        "model_sha256": sha256_file(model_path),
-        "model_bytes": model_path.stat().st_size,
-        "peak_memory_bytes": peak,
-        "backend": backend,
-        "settings": {"custom_ops": custom_ops, "intra_op_threads": engine.threads, "inter_op_threads": 1,
-                     "execution_mode": "sequential", "graph_optimization": "all"},
-        "inputs": {"source": source, "tensors": [s.to_dict() for s in engine.inputs]},
-        "latency": latency_stats(seconds, warmup).to_dict(),
-        "machine": machine_info(),
-        "versions": {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
-    }
+    result = _result(model_path, engine, source, seconds, warmup, backend="ort", peak_memory_bytes=peak,
+                     settings={"custom_ops": custom_ops, "intra_op_threads": engine.threads, "inter_op_threads": 1,
+                               "execution_mode": "sequential", "graph_optimization": "all"},
+                     versions={"onnxruntime": onnxruntime.__version__})
     if stages:
         from .profile import stage_breakdown
 
         with console().status(f"profiling {model_path} by stage"):
             result["stages"] = stage_breakdown(model_path, runs=max(3, min(iterations, 20)), threads=engine.threads,
-                                               custom_ops=custom_ops, stages=_stage_table(recipe))
+                                               custom_ops=custom_ops, stages=_stage_table(result["recipe"]))
     return result
 
 
@@ -294,14 +286,21 @@ def _bench_tensorrt(model_path: Path, precision: str, warmup: int, iterations: i
         seconds = time_calls(lambda: engine.run(feeds), warmup=warmup, iterations=iterations)
     import tensorrt
 
+    return _result(model_path, engine, source, seconds, warmup, backend="tensorrt", peak_memory_bytes=None,
+                   settings={"custom_ops": "plugin", "precision": precision, "intra_op_threads": 1,
+                             "execution_mode": "sequential", "graph_optimization": "tensorrt",
+                             "timing": "host to host, feeds copied in and outputs out each run"},
+                   versions={"tensorrt": tensorrt.__version__})
+
+
+def _result(model_path: Path, engine, source: str, seconds: np.ndarray, warmup: int, *, backend: str,
+            peak_memory_bytes: int | None, settings: dict, versions: dict) -> dict[str, Any]:
+    """The JSON result every backend reports; ``settings`` and ``versions`` are the backend's own."""
     return {"model": str(model_path), "recipe": recipe_beside(model_path), "model_sha256": sha256_file(model_path),
-            "model_bytes": model_path.stat().st_size, "peak_memory_bytes": None, "backend": "tensorrt",
-            "settings": {"custom_ops": "plugin", "precision": precision, "intra_op_threads": 1,
-                         "execution_mode": "sequential", "graph_optimization": "tensorrt",
-                         "timing": "host to host, feeds copied in and outputs out each run"},
-            "inputs": {"source": source, "tensors": [s.to_dict() for s in engine.inputs]},
+            "model_bytes": model_path.stat().st_size, "peak_memory_bytes": peak_memory_bytes, "backend": backend,
+            "settings": settings, "inputs": {"source": source, "tensors": [s.to_dict() for s in engine.inputs]},
             "latency": latency_stats(seconds, warmup).to_dict(), "machine": machine_info(),
-            "versions": {"tensorrt": tensorrt.__version__, "numpy": np.__version__}}
+            "versions": {**versions, "numpy": np.__version__}}
 
 
 def _stage_table(recipe: str | None) -> tuple[tuple[str, str], ...]:

@@ -7,11 +7,11 @@ can fix are printed as one message with a documented exit code (README.md).
 from __future__ import annotations
 
 import functools
+import statistics
 import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .engines import CUSTOM_OP_MODES
 from .errors import DeployError
@@ -171,7 +171,7 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
                                store_models=store_models)
         for name, e in data["entries"].items():
             click.echo(f"{name}: {e['latency']['median_ms']:.2f} ms, "
-                       f"{np.median(e['latency']['normalized_rounds']):.3f} reference units")
+                       f"{statistics.median(e['latency']['normalized_rounds']):.3f} reference units")
         click.echo(f"wrote baseline {baseline} (recipe {data['recipe']}, {data['machine_class']['cpu']})")
         return
     if against and len(candidates) > 1:

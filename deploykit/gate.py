@@ -20,8 +20,10 @@ The decision is a 95% bootstrap interval on the ratio. Above ``1 +
 max_latency_regression`` as a whole: fail. Below it as a whole: pass. Straddling
 it: measure again (up to three times); still straddling, it passes, marked
 inconclusive: only a confident regression fails, so a noisy machine cannot fail
-unchanged code by chance, and a regression of twice the limit is still caught. ``p_regression`` is the bootstrap probability that the ratio exceeds the
-limit: how sure the verdict is.
+unchanged code by chance, and a regression of twice the limit is still caught.
+``p_regression`` is the bootstrap probability that the ratio exceeds the limit:
+how sure the verdict is. A/B measurements always take two pairs of sessions,
+built in opposite orders.
 
 Fidelity is gated too when the candidate sits in a ``deploykit quantize``
 directory: the worst output SQNR may not drop by more than ``max_sqnr_drop_db``,
@@ -30,6 +32,7 @@ nor the mAP by more than ``max_map_drop``. Deterministic, so no statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -41,7 +44,7 @@ import numpy as np
 
 from . import __version__
 from .artifacts import atomic_file, sha256_file, write_json
-from .bench import engine_feeds, interleaved, machine_info, recipe_beside
+from .bench import bootstrap_ratio, engine_feeds, interleaved, machine_info, recipe_beside, time_calls
 from .errors import BaselineError
 from .recipe import GateSpec, load_recipe
 
@@ -59,8 +62,9 @@ BEST_OF = 3
 def reference_workload(threads: int) -> Callable[[], None]:
     """A fixed ONNX Runtime graph (three 3x3 convs over 1x32x64x64, a few ms) whose
     time tracks the machine's state: clock, cache and memory contention."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from .engines import ort as ort_engine
 
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
@@ -73,13 +77,9 @@ def reference_workload(threads: int) -> Callable[[], None]:
                                                                                   [1, 32, 64, 64])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 32, 64, 64])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see engines.ort.build
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    engine = ort_engine.build(model, threads=threads, spinning=False)
     feed = {"x": rng.standard_normal((1, 32, 64, 64)).astype(np.float32)}
-    return lambda: session.run(None, feed)
+    return lambda: engine.run(feed)
 
 
 @dataclass
@@ -130,8 +130,8 @@ def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops
         return Timing("interleaved A/B", s["candidate"], s["baseline"])
     ref = reference_workload(engine.threads)
     if reference_repeats is None:
-        t_model = np.median([_timed(run) for _ in range(3)])
-        t_ref = np.median([_timed(ref) for _ in range(5)])
+        t_model = np.median(time_calls(run, warmup=0, iterations=3))
+        t_ref = np.median(time_calls(ref, warmup=0, iterations=5))
         reference_repeats = int(np.clip(np.ceil(min(t_model, 0.1) / t_ref), 1, 200))
 
     def ref_block():
@@ -142,21 +142,13 @@ def measure(model: Path, *, rounds: int, threads: int = GATE_THREADS, custom_ops
     return Timing("reference workload", s["candidate"], s["reference"], reference_repeats)
 
 
-def _timed(fn) -> float:
-    import time
-
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 @dataclass
 class LatencyVerdict:
     ratio: float
     ci95: tuple[float, float]
     limit: float
     p_regression: float
-    verdict: str  # "pass", "fail", or "pass (inconclusive)" / "fail (inconclusive)"
+    verdict: str  # "pass", "fail" or "pass (inconclusive)"
     method: str
     rounds: int
     attempts: int
@@ -168,18 +160,10 @@ class LatencyVerdict:
         return self.verdict.startswith("pass")
 
 
-def bootstrap_ratio(candidate: np.ndarray, baseline: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """Bootstrap distribution of median(candidate) / median(baseline)."""
-    rng = np.random.default_rng(seed)
-    ic = rng.integers(0, candidate.size, (RESAMPLES, candidate.size))
-    ib = rng.integers(0, baseline.size, (RESAMPLES, baseline.size))
-    return np.median(candidate[ic], axis=1) / np.median(baseline[ib], axis=1)
-
-
 def decide(candidate: np.ndarray, baseline: np.ndarray, threshold: float) -> tuple[float, float, float, float, str]:
     """(ratio, ci low, ci high, p_regression, verdict) for two samples of per-round values."""
     ratio = float(np.median(candidate) / np.median(baseline))
-    boot = bootstrap_ratio(candidate, baseline)
+    boot = bootstrap_ratio(candidate, baseline, resamples=RESAMPLES)
     lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
     limit = 1.0 + threshold
     p = float(np.mean(boot > limit))
@@ -255,7 +239,7 @@ class GateResult:
         return (self.latency is None or self.latency.passed) and all(f["passed"] for f in self.fidelity)
 
     def to_dict(self) -> dict:
-        lat = None if self.latency is None else {k: v for k, v in self.latency.__dict__.items()}
+        lat = None if self.latency is None else dataclasses.asdict(self.latency)
         return {"candidate": self.candidate, "passed": self.passed, "latency": lat, "fidelity": self.fidelity}
 
 
@@ -348,14 +332,15 @@ def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int
     """Measure the candidates and write them as the baseline (one entry per file name).
     ``store_models`` copies each model next to the baseline (``<baseline stem>/<file>``):
     later gates then time the candidate against it interleaved, on any machine."""
-    recipes = {candidate_context(c)[0] for c in candidates}
+    contexts = {c: candidate_context(c) for c in candidates}
+    recipes = {recipe for recipe, _ in contexts.values()}
     if len(recipes) > 1:
         raise BaselineError(f"one baseline file holds one recipe; these candidates come from {sorted(map(str, recipes))}")
     recipe = recipes.pop()
     spec = _spec(recipe)
+    used_threads = threads or GATE_THREADS
     entries = {}
     for c in candidates:
-        used_threads = threads or GATE_THREADS
         t = measure(c, rounds=rounds or spec.rounds, threads=used_threads, custom_ops=custom_ops)
         entries[c.name] = {
             "model_sha256": sha256_file(c),
@@ -364,7 +349,7 @@ def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int
                         "reference_median_ms": float(np.median(t.reference) * 1e3),
                         "reference_repeats": t.reference_repeats,
                         "normalized_rounds": [round(float(v), 6) for v in t.normalized()]},
-            "fidelity": candidate_context(c)[1],
+            "fidelity": contexts[c][1],
         }
         if store_models:
             stored = baseline_path.parent / baseline_path.stem / c.name

@@ -43,8 +43,8 @@ def stage_of(node_name: str, stages: tuple[tuple[str, str], ...] = ()) -> str:
 def stage_breakdown(model: str | Path, *, runs: int = 10, threads: int | None = None, custom_ops: str = "function",
                     stages: tuple[tuple[str, str], ...] = ()) -> list[dict]:
     """Per-stage kernel time per run (ms) and share, largest first, from ``runs``
-    profiled runs after one unprofiled warm-up (ORT cannot profile selectively,
-    so the warm-up is dropped by its run index)."""
+    runs after one warm-up (ORT profiles every run of a session, so the warm-up is
+    dropped from the trace by its run index)."""
     from .bench import engine_feeds
     from .engines import ort as ort_engine
 

@@ -31,6 +31,10 @@ class Boxes:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def take(self, index: np.ndarray) -> "Boxes":
+        """The boxes at ``index`` (indices or a boolean mask)."""
+        return Boxes(self.centers[index], self.dims[index], self.yaw[index], self.scores[index], self.labels[index])
+
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
@@ -58,7 +62,7 @@ def decode_bevformer(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 300,
     keep = _in_range(centers, post_center_range or (r[0] - 10, r[1] - 10, -10.0, r[3] + 10, r[4] + 10, 10.0))
     if score_threshold is not None:
         keep &= scores > score_threshold
-    return Boxes(centers[keep], dims[keep], yaw[keep], scores[keep], labels[keep])
+    return Boxes(centers, dims, yaw, scores, labels).take(keep)
 
 
 def decode_centerpoint(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 500, score_threshold: float = 0.1,
@@ -86,7 +90,7 @@ def decode_centerpoint(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 50
     centers, dims, yaw, scores, labels = (np.concatenate(p) for p in zip(*parts))
     keep = scores > score_threshold
     keep &= _in_range(centers, post_center_range or (rng[0] - 10, rng[1] - 10, -10.0, rng[3] + 10, rng[4] + 10, 10.0))
-    return Boxes(centers[keep], dims[keep], yaw[keep], scores[keep], labels[keep])
+    return Boxes(centers, dims, yaw, scores, labels).take(keep)
 
 
 def circle_nms(boxes: Boxes, thresh: float, post_max_size: int = 83) -> Boxes:
@@ -104,5 +108,4 @@ def circle_nms(boxes: Boxes, thresh: float, post_max_size: int = 83) -> Boxes:
         keep.append(order[rank])
         later = slice(rank + 1, None)
         suppressed[later] |= ((xy[later] - xy[rank]) ** 2).sum(1) <= thresh
-    keep = np.asarray(keep[:post_max_size], dtype=np.int64)
-    return Boxes(boxes.centers[keep], boxes.dims[keep], boxes.yaw[keep], boxes.scores[keep], boxes.labels[keep])
+    return boxes.take(np.asarray(keep[:post_max_size], dtype=np.int64))

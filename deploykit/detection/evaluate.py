@@ -30,14 +30,10 @@ def centerpoint_detections(cfg, outputs: dict[str, np.ndarray]) -> Boxes:
     parts, first = [], 0
     for task, radius in zip(head.tasks, head.min_radius):
         mine = (boxes.labels >= first) & (boxes.labels < first + len(task.class_names))
-        parts.append(circle_nms(_select(boxes, mine), radius, head.post_max_size))
+        parts.append(circle_nms(boxes.take(mine), radius, head.post_max_size))
         first += len(task.class_names)
     return Boxes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("centers", "dims", "yaw", "scores",
                                                                               "labels")))
-
-
-def _select(boxes: Boxes, keep: np.ndarray) -> Boxes:
-    return Boxes(boxes.centers[keep], boxes.dims[keep], boxes.yaw[keep], boxes.scores[keep], boxes.labels[keep])
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -52,15 +48,12 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def labelled_scenes(recipe, model, seeds) -> list[tuple]:
     """(Sample, ground-truth Boxes, points per box) for each seed."""
-    from ..preprocess.pillar_inputs import pillar_inputs
-    from ..preprocess.synthetic_lidar import make_scene
+    from ..errors import RecipeError
+    from ..preprocess.pillar_inputs import pillar_inputs, sample_scene
+    from ..preprocess.synthetic_lidar import CLASSES
     from ..samples import Sample
 
-    from ..errors import RecipeError
-    from ..preprocess.synthetic_lidar import CLASSES
-
     cfg = recipe.model
-    v = cfg.voxelization
     names = class_names(cfg)
     # Scene classes by name into the recipe's label order; those it does not detect are dropped.
     to_recipe = np.array([names.index(c) if c in names else -1 for c in CLASSES])
@@ -68,8 +61,8 @@ def labelled_scenes(recipe, model, seeds) -> list[tuple]:
         raise RecipeError(f"{recipe.name} detects none of the synthetic scene classes ({', '.join(CLASSES)})")
     out = []
     for seed in seeds:
-        scene = make_scene(int(seed), point_cloud_range=tuple(v.point_cloud_range))
-        inputs = pillar_inputs(scene.points[:, :v.point_features], cfg, getattr(model, "input_layout", "PNC"))
+        scene = sample_scene(cfg, int(seed))
+        inputs = pillar_inputs(scene.points, cfg, getattr(model, "input_layout", "PNC"))  # takes the features it needs
         labels = to_recipe[scene.labels]
         b = scene.boxes[labels >= 0].astype(np.float64)
         gt = Boxes(b[:, :3], b[:, 3:6], b[:, 6], np.ones(len(b)), labels[labels >= 0])

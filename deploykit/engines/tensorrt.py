@@ -86,10 +86,6 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
     return TrtEngine(engine, str(model), precision)
 
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64", "int8": "int8",
-                 "bool": "bool"}
-
-
 class TrtEngine:
     backend = "tensorrt"
 
@@ -108,7 +104,7 @@ class TrtEngine:
             spec = TensorSpec(name, shape, dtype)
             is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
-            self._buffers[name] = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype]), device="cuda")
+            self._buffers[name] = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")  # numpy names = torch names
             self.context.set_tensor_address(name, self._buffers[name].data_ptr())
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -51,13 +51,17 @@ def pillar_inputs(points: np.ndarray, model_cfg, layout: str) -> PillarInputs:
     return PillarInputs({"pillars": pillars, "coords": coords}, decorated, real)
 
 
-def sample_points(model_cfg, seed: int) -> np.ndarray:
-    """A deterministic synthetic sweep inside the recipe's range."""
+def sample_scene(model_cfg, seed: int):
+    """A deterministic synthetic sweep (with its boxes) inside the recipe's range."""
     v = model_cfg.voxelization
     if v.point_features > 5:
         raise InputError(f"the synthetic scene has 5 point features, the recipe wants {v.point_features}")
-    scene = make_scene(seed, point_cloud_range=tuple(v.point_cloud_range))
-    return scene.points[:, : v.point_features]
+    return make_scene(seed, point_cloud_range=tuple(v.point_cloud_range))
+
+
+def sample_points(model_cfg, seed: int) -> np.ndarray:
+    """The points of ``sample_scene``, as many features as the recipe takes."""
+    return sample_scene(model_cfg, seed).points[:, : model_cfg.voxelization.point_features]
 
 
 def sample_inputs(model_cfg, seed: int, layout: str) -> PillarInputs:

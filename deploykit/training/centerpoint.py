@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..detection import centerpoint_targets as ct
-from ..preprocess.pillar_inputs import pillar_inputs
-from ..preprocess.synthetic_lidar import Scene, make_scene
+from ..preprocess.pillar_inputs import pillar_inputs, sample_scene
+from ..preprocess.synthetic_lidar import Scene
 from ..progress import track
 
 ROT_RANGE = (-0.3925, 0.3925)  # mmdet3d nuScenes GlobalRotScaleTrans
@@ -39,8 +39,7 @@ class TrainConfig:
 
 
 def scene_pool(cfg, seeds, *, progress: bool = True) -> list[Scene]:
-    pcr = tuple(cfg.voxelization.point_cloud_range)
-    return [make_scene(int(s), point_cloud_range=pcr) for s in track(list(seeds), "ray cast scenes", quiet=not progress)]
+    return [sample_scene(cfg, int(s)) for s in track(list(seeds), "ray cast scenes", quiet=not progress)]
 
 
 def augment(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
