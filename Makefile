@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The tests compare deploykit's nuScenes readers and metrics with nuscenes-devkit. Its
+	# wheel pins numpy<2, which it does not need for what is used here: install it without
+	# its pins, with the modules those parts import.
+	$(PY) -m pip install --quiet --no-deps nuscenes-devkit==1.2.0
+	$(PY) -m pip install --quiet pyquaternion tqdm cachetools shapely scikit-learn opencv-python-headless
 	touch $(STAMP)
 
 demo: $(STAMP)

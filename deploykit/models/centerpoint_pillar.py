@@ -14,7 +14,7 @@ pillar coordinates (``deploykit.preprocess``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -46,6 +46,45 @@ class VoxelizationConfig:
     def grid_size(self) -> tuple[int, int, int]:
         r, v = self.point_cloud_range, self.voxel_size
         return tuple(int(round((r[i + 3] - r[i]) / v[i])) for i in range(3))
+
+
+POINT_FEATURES = ("x", "y", "z", "intensity", "dt")
+
+
+@dataclass(frozen=True)
+class PointsConfig:
+    """The input contract: what each point column means to the checkpoint.
+
+    x, y, z are metres in the LiDAR frame the model was trained in; intensity is
+    in ``intensity_range`` (nuScenes files hold 0-255, KITTI's reflectance 0-1);
+    dt is the time lag in seconds of a point's sweep behind the current one, 0
+    for the current sweep, as mmdet3d's LoadPointsFromMultiSweeps fills it.
+    """
+
+    # Empty: the first ``point_features`` of x, y, z, intensity, dt.
+    features: tuple[str, ...] = ()
+    intensity_range: tuple[float, float] = (0.0, 255.0)
+    # Sweeps aggregated per frame: the current one plus sweeps - 1 earlier ones
+    # (mmdet3d's sweeps_num is this minus one); 1 = single sweeps, dt is 0.
+    sweeps: int = 10
+    # Earlier sweeps lose their points within this square radius (m) of the sensor (mmdet3d's remove_close).
+    remove_close: float = 1.0
+    # A frame with fewer or more points than this (after aggregation) is warned about.
+    expected_points: tuple[int, int] = (5000, 500000)
+
+    def __post_init__(self):
+        unknown = [f for f in self.features if f not in POINT_FEATURES]
+        if unknown:
+            raise ValueError(f"points.features {unknown} unknown; each is one of {', '.join(POINT_FEATURES)}")
+        if self.features and list(self.features[:3]) != ["x", "y", "z"]:
+            raise ValueError("points.features must start with x, y, z")
+        lo, hi = self.intensity_range
+        if not hi > lo:
+            raise ValueError(f"points.intensity_range needs max > min, got {self.intensity_range}")
+        if self.sweeps < 1:
+            raise ValueError("points.sweeps must be at least 1 (the current sweep)")
+        if not 0 <= self.expected_points[0] < self.expected_points[1]:
+            raise ValueError(f"points.expected_points needs 0 <= low < high, got {self.expected_points}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +136,9 @@ class HeadConfig:
     # empty = no NMS; used where deploykit scores detections (mAP), not in the engine.
     min_radius: tuple[float, ...] = ()
     post_max_size: int = 83
+    # Class name -> nuScenes detection name, for classes named otherwise (a cyclist is
+    # nuScenes' "bicycle"); used for the submission JSON and the nuScenes metrics.
+    nuscenes_names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.min_radius and len(self.min_radius) != len(self.tasks):
@@ -111,9 +153,16 @@ class CenterPointPillarConfig:
     pillar_encoder: PillarEncoderConfig = PillarEncoderConfig()
     backbone: BackboneConfig = BackboneConfig()
     neck: NeckConfig = NeckConfig()
+    points: PointsConfig = PointsConfig()
 
     def __post_init__(self):
         b, n = self.backbone, self.neck
+        if self.points.features and len(self.points.features) != self.voxelization.point_features:
+            raise ValueError(f"points.features names {len(self.points.features)} columns, voxelization."
+                             f"point_features is {self.voxelization.point_features}")
+        if self.voxelization.point_features > len(POINT_FEATURES):
+            raise ValueError(f"point_features {self.voxelization.point_features}: deploykit knows "
+                             f"{len(POINT_FEATURES)} point features ({', '.join(POINT_FEATURES)})")
         if not len(b.out_channels) == len(b.layer_nums) == len(b.layer_strides):
             raise ValueError("backbone out_channels, layer_nums and layer_strides need one entry per stage")
         if not len(n.out_channels) == len(n.upsample_strides) == len(b.out_channels):
@@ -121,6 +170,11 @@ class CenterPointPillarConfig:
         nx, ny, _ = self.voxelization.grid_size
         if nx % self.output_stride or ny % self.output_stride:
             raise ValueError(f"BEV grid {ny}x{nx} is not divisible by the head's stride {self.output_stride}")
+
+    @property
+    def point_columns(self) -> tuple[str, ...]:
+        """The names of the network's point columns, in order."""
+        return self.points.features or POINT_FEATURES[: self.voxelization.point_features]
 
     @property
     def pillar_channels(self) -> int:

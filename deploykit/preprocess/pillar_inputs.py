@@ -56,7 +56,12 @@ def sample_scene(model_cfg, seed: int):
     v = model_cfg.voxelization
     if v.point_features > 5:
         raise InputError(f"the synthetic scene has 5 point features, the recipe wants {v.point_features}")
-    return make_scene(seed, point_cloud_range=tuple(v.point_cloud_range))
+    scene = make_scene(seed, point_cloud_range=tuple(v.point_cloud_range))
+    # The generator's intensities are 0-1; give them the checkpoint's range (0-255 for nuScenes).
+    lo, hi = model_cfg.points.intensity_range
+    if (lo, hi) != (0.0, 1.0):
+        scene.points[:, 3] = lo + scene.points[:, 3] * np.float32(hi - lo)
+    return scene
 
 
 def sample_points(model_cfg, seed: int) -> np.ndarray:

@@ -66,6 +66,9 @@ class BEVFormerConfig:
     decoder_points: int = 4
     num_query: int = 900
     num_classes: int = 10
+    # Label k is class_names[k]: BEVFormer's nuScenes config order.
+    class_names: tuple[str, ...] = ("car", "truck", "construction_vehicle", "bus", "trailer", "barrier",
+                                    "motorcycle", "bicycle", "pedestrian", "traffic_cone")
     code_size: int = 10
     # PerceptionTransformer always allocates 4 level embeddings, used or not.
     num_feature_levels: int = 4
@@ -74,6 +77,8 @@ class BEVFormerConfig:
     virtual_bev: VirtualBEVConfig = field(default_factory=VirtualBEVConfig)
 
     def __post_init__(self):
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names names {len(self.class_names)} classes, num_classes is {self.num_classes}")
         if self.embed_dims % (2 * self.num_heads):
             raise ValueError(f"embed_dims {self.embed_dims} must be divisible by 2*num_heads")
         if self.sca_points % self.num_points_in_pillar:
