@@ -174,14 +174,28 @@ def peak_memory(model_path: Path, *, custom_ops: str, threads: int | None, runs:
     """Peak resident memory (bytes) that building ``model_path``'s engine and running it
     ``runs`` times adds to a fresh process: measured in a child process, since memory
     a process freed stays resident and would hide the next engine's. Linux only (VmHWM);
-    None elsewhere."""
-    import multiprocessing
+    None elsewhere.
+
+    The child is a fresh interpreter started on this module, not a multiprocessing
+    worker: spawn re-imports the caller's main script, which re-runs a script without an
+    ``if __name__ == "__main__":`` guard (and hangs reading a script from stdin)."""
+    import json
+    import subprocess
+    import sys
 
     if not Path("/proc/self/status").exists():
         return None
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_peak_memory_child, (str(model_path), custom_ops, threads, runs))
+    args = json.dumps({"model": str(model_path), "custom_ops": custom_ops, "threads": threads, "runs": runs})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "deploykit.bench", args], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        from .errors import EngineError
+
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EngineError(f"measuring the peak memory of {model_path} failed in its child process: {last}")
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def _peak_memory_child(model_path: str, custom_ops: str, threads: int | None, runs: int) -> int:
@@ -313,3 +327,11 @@ def _stage_table(recipe: str | None) -> tuple[tuple[str, str], ...]:
         return ARCHITECTURES[load_recipe(recipe).arch].stages
     except Exception:  # noqa: BLE001 - a recipe that is gone only costs the stage names
         return ()
+
+
+if __name__ == "__main__":  # the peak-memory child: python -m deploykit.bench '{"model": ...}'
+    import json
+    import sys
+
+    _args = json.loads(sys.argv[1])
+    print(_peak_memory_child(_args["model"], _args["custom_ops"], _args["threads"], _args["runs"]))

@@ -187,7 +187,7 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
 
 
 @main.command()
-@click.option("--recipe", "-r", required=True, help="Recipe name or path to a .toml.")
+@click.option("--recipe", "-r", help="Recipe name or path to a .toml. Default: the one CONVERTED_DIR was made with.")
 @click.option("--model", "-m", "converted", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="What `deploykit convert` wrote (CONVERTED_DIR).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -199,27 +199,43 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
 @click.option("--int16-sensitive", is_flag=True,
               help="Choose the int16 modules by measured sensitivity (smallest set meeting the recipe's "
                    "target_sqnr_db within int16_budget) instead of the recipe's patterns.")
+@click.option("--eval-scenes", type=click.IntRange(0),
+              help="Labelled scenes to score float and quantized models on (task mAP); 0 skips it. "
+                   "Default: the recipe's [quantize] eval_scenes.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def quantize(recipe, converted, out, calib, int16, int16_sensitive, overwrite, quiet):
+def quantize(recipe, converted, out, calib, int16, int16_sensitive, eval_scenes, overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
-    Writes OUT/model.int8.qdq.onnx, model.qdq.onnx (with int16), quant_state.safetensors,
-    quantizers.json, fidelity.json/.md and manifest.json.
+    \b
+    Always writes into OUT/:
+      model.int8.qdq.onnx      int8 Q/DQ everywhere
+      model.trt.qdq.onnx       TensorRT flavour (int16 regions as float islands)
+      quant_state.safetensors, quantizers.json, fidelity.json/.md, manifest.json
+    Only with int16 overrides (recipe patterns, --int16 or --int16-sensitive):
+      model.qdq.onnx           int8 + int16 Q/DQ (opset 21)
+    Only with --int16-sensitive:
+      sensitivity.json/.md/.png
     """
+    from .quantize.fidelity import worst_output
     from .quantize.pipeline import quantize as run_quantize
 
     result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), int16_sensitive=int16_sensitive,
-                          overwrite=overwrite, quiet=quiet)
+                          eval_scenes=eval_scenes, overwrite=overwrite, quiet=quiet)
+    targets = result.fidelity["target_outputs"]
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:
-            worst = min(result.fidelity[key], key=lambda f: f["sqnr_db"])
+            worst = worst_output(result.fidelity[key], targets)
             task = result.fidelity.get("task_map", {}).get(key)
             click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
                        f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}" if task else ""))
     if "task_map" in result.fidelity:
         click.echo(f"float: mAP {result.fidelity['task_map']['float']['mAP']:.4f}")
+    every = [f["name"] for f in result.fidelity["int8"]]
+    if len(targets) < len(every):
+        click.echo(f"(worst of the recipe's target outputs: {len(targets)} of {len(every)}; "
+                   f"all outputs are in {result.out_dir}/fidelity.md)")
     click.echo(f"wrote {result.out_dir}/")
 
 

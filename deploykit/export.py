@@ -37,7 +37,7 @@ from .errors import CheckFailedError, ExportError
 from .models import build_model, make_sample
 from .passes import apply_passes
 from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
-from .progress import Steps
+from .progress import Steps, console
 from .recipe import Recipe, load_recipe
 from .samples import Sample, torch_outputs
 from .synthetic_checkpoint import default_checkpoint
@@ -146,6 +146,11 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
 
     with steps.step(f"load {recipe.name} checkpoint"):
         original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
+    if ckpt_meta.get("synthetic"):
+        # Printed even with quiet: numbers measured on stand-in weights must never pass for a real model's.
+        console().print(f"[yellow]note:[/yellow] {recipe.name} runs on deterministic synthetic weights "
+                        f"({ckpt_path.name}), not a trained model: its detections are meaningless; pass "
+                        "--checkpoint for your own", soft_wrap=True)
     with steps.step(f"apply {len(passes)} rewrite passes, run PyTorch reference"):
         model = apply_passes(original, passes).eval()
         samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]

@@ -193,6 +193,9 @@ class Baseline:
             raise BaselineError(f"cannot read baseline {path}: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise BaselineError(f"{path} is not a deploykit baseline (format {FORMAT}); regenerate it with --update")
+        problem = _malformed(data)
+        if problem:
+            raise BaselineError(f"baseline {path} is malformed ({problem}); regenerate it with --update")
         return cls(data, path)
 
     def entry(self, name: str) -> dict:
@@ -201,6 +204,32 @@ class Baseline:
             raise BaselineError(f"baseline {self.path} has no entry for {name} (it has {', '.join(entries)}); "
                                 "add one with --update")
         return entries[name]
+
+
+# What gate() reads of each entry: (path of keys, type).
+_ENTRY_FIELDS = ((("model_sha256",), str), (("settings", "intra_op_threads"), int),
+                 (("latency", "median_ms"), (int, float)), (("latency", "reference_repeats"), int),
+                 (("latency", "normalized_rounds"), list))
+
+
+def _malformed(data: dict) -> str | None:
+    """What is missing or mistyped in a baseline file, or None."""
+    cls = data.get("machine_class")
+    if not isinstance(cls, dict) or not {"cpu", "cores"} <= set(cls):
+        return "no machine_class with cpu and cores"
+    entries = data.get("entries")
+    if not isinstance(entries, dict) or not entries:
+        return "no entries"
+    for name, entry in entries.items():
+        for keys, kind in _ENTRY_FIELDS:
+            value = entry
+            for k in keys:
+                value = value.get(k) if isinstance(value, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                return f"entry {name} has no {'.'.join(keys)}"
+        if not entry["latency"]["normalized_rounds"]:
+            return f"entry {name} has no latency rounds"
+    return None
 
 
 def machine_class(info: dict | None = None) -> dict:
@@ -218,11 +247,15 @@ def candidate_context(model: Path) -> tuple[str | None, dict | None]:
 
 
 def fidelity_summary(report: dict, model_name: str) -> dict | None:
-    """Worst output SQNR and mAP of the configuration a quantized model file holds."""
+    """Worst output SQNR (over the recipe's target outputs, as fidelity.json records
+    them) and mAP of the configuration a quantized model file holds."""
     key = {"model.int8.qdq.onnx": "int8", "model.qdq.onnx": "int8_int16"}.get(model_name)
     if key is None or key not in report:
         return None
-    out = {"configuration": key, "worst_sqnr_db": min(f["sqnr_db"] for f in report[key])}
+    from .quantize.fidelity import worst_output
+
+    worst = worst_output(report[key], report.get("target_outputs"))
+    out = {"configuration": key, "worst_sqnr_db": worst["sqnr_db"], "worst_output": worst["name"]}
     if "task_map" in report and key in report["task_map"]:
         out["mAP"] = report["task_map"][key]["mAP"]
     return out
@@ -332,6 +365,14 @@ def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int
     """Measure the candidates and write them as the baseline (one entry per file name).
     ``store_models`` copies each model next to the baseline (``<baseline stem>/<file>``):
     later gates then time the candidate against it interleaved, on any machine."""
+    names: dict[str, list[str]] = {}
+    for c in candidates:
+        names.setdefault(c.name, []).append(str(c))
+    clashes = {n: paths for n, paths in names.items() if len(paths) > 1}
+    if clashes:
+        n, paths = next(iter(clashes.items()))
+        raise BaselineError(f"a baseline keys its entries by file name, and {len(paths)} candidates are named {n} "
+                            f"({', '.join(paths)}); write them into separate baselines")
     contexts = {c: candidate_context(c) for c in candidates}
     recipes = {recipe for recipe, _ in contexts.values()}
     if len(recipes) > 1:

@@ -14,6 +14,7 @@ that is the time a plugin would replace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -57,6 +58,8 @@ def stage_breakdown(model: str | Path, *, runs: int = 10, threads: int | None = 
         events = json.loads(Path(trace).read_text())
     finally:
         os.unlink(trace)
+        with contextlib.suppress(OSError):
+            os.rmdir(Path(trace).parent)
     return group_events(events, runs=runs, stages=stages)
 
 

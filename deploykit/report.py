@@ -64,38 +64,60 @@ def bench_markdown(results: list[dict]) -> str:
 
 
 def bench_plot(results: list[dict], path) -> None:
-    """Latency (p50 bar, p90 and p99 marks) per model and, where profiled, its stages."""
+    """p50 bars with p90/p99 marks per model and, where profiled, time by stage; one
+    row per model, in the order given, on both panels; machine and threads in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    profiled = [r for r in results if r.get("stages")]
-    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(13 if profiled else 6.5, 0.6 * len(results) + 1.6),
-                             squeeze=False)
-    names = [_short(r["model"]) for r in results][::-1]
-    lat = [r["latency"] for r in results][::-1]
+    profiled = any(r.get("stages") for r in results)
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(14 if profiled else 7, 0.55 * len(results) + 2.4),
+                             squeeze=False, sharey=True)
+    rows = list(range(len(results)))[::-1]  # first result on top
+    names = [_short(r["model"]) for r in results]
+    lat = [r["latency"] for r in results]
     ax = axes[0, 0]
-    ax.barh(names, [x["p50_ms"] for x in lat], color="#4878a8", label="p50")
-    ax.scatter([x["p90_ms"] for x in lat], names, marker="|", s=200, color="k", label="p90")
-    ax.scatter([x["p99_ms"] for x in lat], names, marker="|", s=200, color="#c44e52", label="p99")
+    ax.barh(rows, [x["p50_ms"] for x in lat], color="#4878a8", label="p50")
+    ax.scatter([x["p90_ms"] for x in lat], rows, marker="|", s=250, color="k", label="p90", zorder=3)
+    ax.scatter([x["p99_ms"] for x in lat], rows, marker="|", s=250, color="#c44e52", label="p99", zorder=3)
+    ax.set_yticks(rows, names)
     ax.set_xlabel("latency (ms)")
-    ax.legend(fontsize=8, loc="lower right")
+    # Below the axes: inside, it covered the p90/p99 marks of the bottom rows.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.4 / len(results)), ncol=3, frameon=False)
     if profiled:
-        ax = axes[0, 1]
-        stage_names = list(dict.fromkeys(x["stage"] for r in profiled for x in r["stages"]))
-        colors = plt.get_cmap("tab20")
-        left = [0.0] * len(profiled)
-        labels = [_short(r["model"]) for r in profiled]
-        for i, stage in enumerate(stage_names):
-            widths = [next((x["ms_per_run"] for x in r["stages"] if x["stage"] == stage), 0.0) for r in profiled]
-            ax.barh(labels, widths, left=left, color=colors(i % 20), label=stage)
-            left = [a + b for a, b in zip(left, widths)]
-        ax.set_xlabel("kernel time per run by stage (ms)")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        _stage_bars(axes[0, 1], results, rows)
+    first = results[0]
+    m, settings = first["machine"], first["settings"]
+    runtime = ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if k != "numpy")
+    fig.suptitle(f"{m['cpu']}, {m['cores']} cores; {runtime}; {settings.get('intra_op_threads')} intra-op threads, "
+                 f"{first['backend']} backend", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _stage_bars(ax, results: list[dict], rows: list[int]) -> None:
+    """Stacked time per stage. Stage names are qualified by recipe when several recipes
+    are shown, so 'backbone' of one model never shares a colour with another's."""
+    import matplotlib.pyplot as plt
+
+    recipes = {r.get("recipe") for r in results if r.get("stages")}
+
+    def label(r: dict, stage: str) -> str:
+        return f"{r.get('recipe')}: {stage}" if len(recipes) > 1 else stage
+
+    labels = list(dict.fromkeys(label(r, x["stage"]) for r in results for x in r.get("stages") or []))
+    palette = [*plt.get_cmap("tab20").colors, *plt.get_cmap("tab20b").colors]
+    left = [0.0] * len(results)
+    for i, name in enumerate(labels):
+        widths = [next((x["ms_per_run"] for x in r.get("stages") or [] if label(r, x["stage"]) == name), 0.0)
+                  for r in results]
+        ax.barh(rows, widths, left=left, color=palette[i % len(palette)], label=name)
+        left = [a + b for a, b in zip(left, widths)]
+    missing = "; empty row: not profiled" if any(not r.get("stages") for r in results) else ""
+    ax.set_xlabel(f"kernel time per run by stage (ms){missing}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def _short(model: str) -> str:

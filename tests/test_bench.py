@@ -46,3 +46,27 @@ def test_synthetic_feeds_when_no_sample(tmp_path):
     assert source == "synthetic"
     assert feeds["x"].shape == (2, 3) and feeds["x"].dtype == np.float32
     assert feeds["i"].dtype == np.int32 and not feeds["i"].any()
+
+
+@pytest.mark.parametrize("how", ["script", "stdin"])
+def test_bench_model_from_an_unguarded_script(converted_dir, tmp_path, how):
+    """A user's script without an `if __name__ == "__main__":` guard, or one read from
+    stdin: the peak-memory child must not re-run it (it once did, and hung)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "runs.txt"
+    script = (f"import deploykit.bench as b\n"
+              f"open({str(marker)!r}, 'a').write('run\\n')\n"
+              f"r = b.bench_model({str(converted_dir / 'model.onnx')!r}, warmup=0, iterations=2, threads=1)\n"
+              f"print('peak', r['peak_memory_bytes'])\n")
+    if how == "script":
+        path = tmp_path / "user_script.py"
+        path.write_text(script)
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+    else:
+        proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "run\n"  # the script ran once
+    peak = int(proc.stdout.split("peak")[-1])
+    assert peak > 1_000_000  # an ORT session and its arena: megabytes

@@ -159,11 +159,21 @@ def test_fidelity_regression_fails_without_timing_noise(chains, tmp_path):
     baseline = tmp_path / "q.json"
     data = update_baseline(baseline, [quantized_dir("base", 25.0, 0.93)], rounds=10)
     assert data["entries"]["model.int8.qdq.onnx"]["fidelity"] == {"configuration": "int8", "worst_sqnr_db": 25.0,
-                                                                   "mAP": 0.93}
+                                                                   "worst_output": "a", "mAP": 0.93}
     ok = gate(baseline, quantized_dir("ok", 24.5, 0.925))  # within 1 dB and 0.01 mAP (the recipe's [gate])
     assert [f["passed"] for f in ok.fidelity] == [True, True]
     worse = gate(baseline, quantized_dir("worse", 22.0, 0.90))
     assert [f["passed"] for f in worse.fidelity] == [False, False] and not worse.passed
+
+
+def test_gate_sqnr_counts_only_the_recipes_target_outputs():
+    from deploykit.gate import fidelity_summary
+
+    report = {"target_outputs": ["heat"], "int8": [{"name": "heat", "sqnr_db": 30.0}, {"name": "vel", "sqnr_db": 12.0}]}
+    assert fidelity_summary(report, "model.int8.qdq.onnx") == {"configuration": "int8", "worst_sqnr_db": 30.0,
+                                                              "worst_output": "heat"}
+    del report["target_outputs"]  # reports from before target outputs were recorded: all outputs count
+    assert fidelity_summary(report, "model.int8.qdq.onnx")["worst_output"] == "vel"
 
 
 def test_update_is_explicit_and_keeps_other_entries(chains, tmp_path):
@@ -201,3 +211,33 @@ def test_both_models_run_on_the_candidates_feeds(chains, tmp_path):
     other = conv_chain(tmp_path / "o" / "model.onnx", 10, side=32)
     with pytest.raises(BaselineError, match="takes other inputs than the candidate"):
         gate(chains[0], other, against=base)
+
+
+@pytest.mark.parametrize("damage", ["entries", "settings", "latency", "rounds", "machine_class"])
+def test_a_baseline_missing_fields_is_one_line_and_exit_11(chains, tmp_path, damage):
+    baseline, _, same, _ = chains
+    data = json.loads(baseline.read_text())
+    entry = data["entries"]["model.onnx"]
+    if damage == "entries":
+        del data["entries"]
+    elif damage == "machine_class":
+        del data["machine_class"]
+    elif damage == "rounds":
+        entry["latency"]["normalized_rounds"] = []
+    else:
+        del entry[damage]
+    path = tmp_path / "damaged.json"
+    path.write_text(json.dumps(data))
+    result = CliRunner().invoke(main, ["gate", "--baseline", str(path), str(same)])
+    assert result.exit_code == 11, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: baseline") and "malformed" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_update_refuses_two_candidates_of_one_file_name(chains, tmp_path):
+    _, base, same, _ = chains
+    path = tmp_path / "two.json"
+    result = CliRunner().invoke(main, ["gate", "--update", "--baseline", str(path), str(base), str(same)])
+    assert result.exit_code == 11 and "2 candidates are named model.onnx" in result.output
+    assert not path.exists()

@@ -67,3 +67,9 @@ def test_bench_reports_memory_size_stages_and_writes_a_report(converted_dir, tmp
     assert "## Stages of" in md and "pillar encoder" in md and "peak MB" in md
     saved = json.loads((out / "bench.json").read_text())["results"][0]
     assert saved["settings"]["intra_op_threads"] == 1 and saved["machine"]["cores"] >= 1
+
+
+def test_profiling_leaves_nothing_in_the_working_directory(converted_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stage_breakdown(converted_dir / "model.onnx", runs=1, threads=1)
+    assert list(tmp_path.iterdir()) == []

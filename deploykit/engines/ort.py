@@ -164,6 +164,12 @@ def build(model: str | Path | onnx.ModelProto, *, custom_ops: str = "function",
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[optimization]
     opts.enable_profiling = profile
+    if profile:
+        # ORT writes its trace into the working directory by default; a user's
+        # checkout is no place for it. The caller reads and deletes the file.
+        import tempfile
+
+        opts.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="deploykit-profile-")) / "ort_profile")
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # ORT warns about initializers its own function inlining leaves unread (the

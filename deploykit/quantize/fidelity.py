@@ -38,3 +38,13 @@ def fidelity(references: list[dict[str, np.ndarray]], outputs: list[dict[str, np
         agree = agreement(name, ref, out)
         result.append(Fidelity(name, sqnr_db(ref, out), agree.cosine, agree.max_rel_error))
     return result
+
+
+def worst_output(items: list[dict], targets: list[str] | None = None) -> dict:
+    """The lowest-SQNR output among ``targets`` (default all) of a fidelity report's
+    list: the one figure the CLI summary and the gate quote, so both count the same
+    outputs the recipe's ``[quantize] target_outputs`` declares."""
+    chosen = [f for f in items if targets is None or f["name"] in targets]
+    if not chosen:
+        raise ValueError(f"none of the target outputs {targets} is in the report")
+    return min(chosen, key=lambda f: f["sqnr_db"])

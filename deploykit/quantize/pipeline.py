@@ -20,6 +20,7 @@ model on the check samples, for int8 everywhere and for int8 + int16. Writes
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from dataclasses import dataclass
@@ -76,6 +77,20 @@ def load_converted(recipe: Recipe, converted: Path) -> tuple[torch.nn.Module, di
     return model, manifest
 
 
+def recipe_of_converted(converted: str | Path) -> Recipe:
+    """The recipe a ``deploykit convert`` directory was made with, from its manifest:
+    its file when it still exists, else the bundled recipe of that name."""
+    path = Path(converted) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{converted} is not a `deploykit convert` output (no manifest.json); pass --recipe too")
+    named = json.loads(path.read_text()).get("recipe") or {}
+    if not isinstance(named, dict) or not named.get("name"):
+        raise InputError(f"{path} names no recipe; pass --recipe")
+    if named.get("path") and Path(named["path"]).is_file():
+        return load_recipe(named["path"])
+    return load_recipe(named["name"])
+
+
 def default_calib_set(recipe: Recipe) -> Path:
     """The recipe's bundled calibration set (synthetic), generated into .cache/ on first use."""
     spec = recipe.quantize
@@ -101,14 +116,21 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
     return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
 
 
-def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
-             int16: tuple[str, ...] = (), int16_sensitive: bool = False, overwrite: bool = False,
-             quiet: bool = False) -> QuantizeResult:
-    """``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
+def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
+             int16: tuple[str, ...] = (), int16_sensitive: bool = False, eval_scenes: int | None = None,
+             overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
+    """``recipe`` None takes the one the converted directory's manifest names.
+    ``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
     smallest set of modules, ranked by measured sensitivity, that meets
     ``[quantize] target_sqnr_db`` within ``int16_budget`` modules (see
-    deploykit.quantize.sensitivity); ``int16`` patterns are added either way."""
+    deploykit.quantize.sensitivity); ``int16`` patterns are added either way.
+    ``eval_scenes`` overrides the recipe's number of labelled scenes scored in mAP (0 skips it)."""
+    recipe = recipe_of_converted(converted) if recipe is None else recipe
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if eval_scenes is not None:
+        if eval_scenes < 0:
+            raise InputError(f"eval_scenes must be 0 (skip) or more, got {eval_scenes}")
+        recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, eval_scenes=eval_scenes))
     out = Path(out)
     ensure_writable(out, overwrite=overwrite)
     steps = Steps(5 + bool(int16_sensitive) + bool(recipe.quantize.eval_scenes), quiet=quiet)
@@ -128,9 +150,8 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
-    for w in warnings:
-        if not quiet:
-            console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    for w in warnings:  # never quiet: a pattern matching nothing changes what is quantized
+        console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     lifted = sorted({n for names in matches.values() for n in names})
     search = None
     if int16_sensitive:
@@ -150,7 +171,7 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
         set_mode(qmodel, "quant", active)
         decode = ARCHITECTURES[recipe.arch].decode
         float_boxes = [decode(recipe.model, r) for r in references]
-        report, detection, fake = {}, {}, {}
+        report, detection, fake = {"target_outputs": target_outputs or list(model.output_names)}, {}, {}
         for key, names16 in configurations:
             set_bits(qmodel, lifted, 8)
             set_bits(qmodel, names16, 16)
@@ -179,7 +200,8 @@ def quantize(recipe: Recipe | str, converted: str | Path, out: str | Path, *, ca
             write_json(scratch / "manifest.json", {
                 "deploykit": __version__, "stage": "quantize",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "recipe": recipe.name, "converted": str(converted),
+                "recipe": {"name": recipe.name, "path": str(recipe.path) if recipe.path else None},
+                "converted": str(converted), "inputs": manifest["inputs"],
                 "converted_onnx_sha256": sha256_file(Path(converted) / "model.onnx"),
                 "calibration": {"path": str(calib_path), "samples": len(calib_set), "temporal": calib_set.temporal,
                                 "calibrator": recipe.quantize.calibrator},
@@ -278,6 +300,9 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
 
     lines = [f"# Quantization fidelity: {recipe}", "",
              "Fake-quant PyTorch model against the float model on the check samples (pooled).", ""]
+    if "target_outputs" in report:
+        lines += [f"The worst-output SQNR that the summary and `deploykit gate` quote counts the recipe's target "
+                  f"outputs ([quantize] target_outputs): {', '.join(report['target_outputs'])}.", ""]
     for key, title in (("int8", "int8 everywhere"), ("int8_int16", "int8 + int16 overrides")):
         if key in report:
             lines += [f"## {title}", "", _fidelity_table(report[key]), ""]

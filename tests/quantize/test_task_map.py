@@ -67,3 +67,29 @@ def test_bad_scoring_settings_are_refused_before_any_work(synth_recipe, synth_co
     with pytest.raises(RecipeError, match="cannot label"):
         quantize(unlabelled, bev_converted_dir, tmp_path / "b", quiet=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_takes_the_recipe_from_the_manifest_skips_scoring_and_quotes_target_outputs(synth_converted, tmp_path):
+    from click.testing import CliRunner
+
+    from deploykit.cli import main
+
+    out = tmp_path / "q"
+    # No --recipe: the converted directory's manifest names it. --eval-scenes 0 skips the recipe's 100 scenes.
+    # -q hides progress, never warnings.
+    result = CliRunner().invoke(main, ["quantize", "-m", str(synth_converted), "-o", str(out), "--eval-scenes", "0",
+                                       "-q", "--int16", "no.such.quantizer"])
+    assert result.exit_code == 0, result.output
+    assert "matches no quantizer" in result.output
+    assert "mAP" not in result.output  # scoring skipped
+    fid = json.loads((out / "fidelity.json").read_text())
+    assert "task_map" not in fid
+    assert fid["target_outputs"] == [n for n in fid["target_outputs"] if not n.endswith(".vel")]
+    assert len(fid["target_outputs"]) == 10 and len(fid["int8"]) == 12  # 2 tasks x 5 of 6 heads
+    worst = min((f for f in fid["int8"] if f["name"] in fid["target_outputs"]), key=lambda f: f["sqnr_db"])
+    assert f"int8: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB" in result.output
+    assert "worst of the recipe's target outputs: 10 of 12" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["name"] == SYNTH and manifest["recipe"]["path"].endswith(f"{SYNTH}.toml")
+    conv = json.loads((synth_converted / "manifest.json").read_text())
+    assert manifest["inputs"] == conv["inputs"] and manifest["inputs"][0]["layout"] == "CNP"
