@@ -329,6 +329,11 @@ def _stage_table(recipe: str | None) -> tuple[tuple[str, str], ...]:
         return ()
 
 
+from .api import callable_module  # noqa: E402 - deploykit.bench(...) is bench_model(...)
+
+callable_module(__name__, "deploykit.bench:bench_model")
+
+
 if __name__ == "__main__":  # the peak-memory child: python -m deploykit.bench '{"model": ...}'
     import json
     import sys

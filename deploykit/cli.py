@@ -58,9 +58,12 @@ def main() -> None:
 @click.option("--standard-ops", is_flag=True,
               help="Also write model.standard_ops.onnx, custom nodes lowered to standard ONNX ops (for runtimes "
                    "without deploykit's plugins), checked like model.onnx.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--rig", type=click.Path(path_type=Path),
+              help="Camera models: a rig file (e.g. from `deploykit rig --from-nuscenes`) or bundled rig name "
+                   "instead of the recipe's.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, standard_ops, quiet):
+def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, standard_ops, rig, quiet):
     """Rewrite, export to static ONNX and check against PyTorch.
 
     Writes OUT/model.onnx, weights.safetensors, inputs.npz, check.json and manifest.json.
@@ -71,7 +74,7 @@ def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, s
         raise click.UsageError("--passes and --no-passes exclude each other")
     chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
     result = run_convert(recipe, out, checkpoint=checkpoint, passes=chosen, overwrite=overwrite,
-                         custom_ops=custom_ops, standard_ops=standard_ops, quiet=quiet)
+                         custom_ops=custom_ops, standard_ops=standard_ops, rig=rig, quiet=quiet)
     eng = result.check["onnxruntime"]
     click.echo(f"wrote {result.out_dir}/ : ONNX Runtime vs PyTorch worst relative error "
                f"{eng['worst_rel_error']:.1e}, min cosine {eng['min_cosine']:.7f}")
@@ -199,13 +202,15 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
 @click.option("--int16-sensitive", is_flag=True,
               help="Choose the int16 modules by measured sensitivity (smallest set meeting the recipe's "
                    "target_sqnr_db within int16_budget) instead of the recipe's patterns.")
+@click.option("--rig", type=click.Path(path_type=Path),
+              help="Camera models: the rig file the model was converted with (checked; the rig is part of the model).")
 @click.option("--eval-scenes", type=click.IntRange(0),
               help="Labelled scenes to score float and quantized models on (task mAP); 0 skips it. "
                    "Default: the recipe's [quantize] eval_scenes.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def quantize(recipe, converted, out, calib, int16, int16_sensitive, eval_scenes, overwrite, quiet):
+def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_scenes, overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
     \b
@@ -222,7 +227,7 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, eval_scenes,
     from .quantize.pipeline import quantize as run_quantize
 
     result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), int16_sensitive=int16_sensitive,
-                          eval_scenes=eval_scenes, overwrite=overwrite, quiet=quiet)
+                          eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet)
     targets = result.fidelity["target_outputs"]
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:
@@ -259,6 +264,31 @@ def calib(recipe, out, samples, frames_per_scene, overwrite):
     path = build_calib_set(load_recipe(recipe), out, samples=samples, frames_per_scene=frames_per_scene,
                            overwrite=overwrite)
     click.echo(f"wrote {path}/ : {samples} samples")
+
+
+@main.command()
+@click.option("--from-nuscenes", "dataroot", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A nuScenes-layout dataset directory (v1.0-*/ tables, samples/, sweeps/).")
+@click.option("--scene", required=True, help="Scene name (e.g. scene-0103) whose calibration to take.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Rig file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@handle_errors
+def rig(dataroot, scene, out, overwrite):
+    """Write a camera rig from a nuScenes-layout dataset's calibrated_sensor records.
+
+    The cameras are expressed in the scene's LIDAR_TOP frame (nuScenes: x right, y
+    forward, z up), the frame BEVFormer checkpoints were trained in. Use it with
+    `deploykit convert --rig OUT`.
+    """
+    from .data.rig_from_nuscenes import rig_from_nuscenes, write_rig
+    from .errors import OutputExistsError
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    data = rig_from_nuscenes(dataroot, scene)
+    write_rig(out, data)
+    click.echo(f"wrote {out}: rig {data['name']}, {len(data['cameras'])} cameras "
+               f"({', '.join(c['name'] for c in data['cameras'])}), images {data['image_size'][1]}x{data['image_size'][0]}")
 
 
 @main.command()

@@ -17,9 +17,11 @@ together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 import platform
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,10 @@ import torch
 
 from . import __version__
 from .artifacts import atomic_directory, ensure_writable, save_safetensors, sha256_file, write_json
+from .camera.virtual_bev import coverage_warnings
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
-from .errors import CheckFailedError, ExportError
+from .errors import CheckFailedError, ExportError, RecipeError
 from .models import build_model, make_sample
 from .passes import apply_passes
 from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
@@ -130,15 +133,31 @@ def tensor_specs(model: onnx.ModelProto, values) -> list[dict]:
             for v in values]
 
 
+RIG_FILE = "rig.json"
+
+
+def with_rig(recipe: Recipe, rig: str | Path | None) -> Recipe:
+    """``recipe`` with its camera rig replaced (a rig file or bundled name), so no recipe
+    has to be copied to change a rig."""
+    if rig is None:
+        return recipe
+    if not hasattr(recipe.model, "rig"):
+        raise RecipeError(f"{recipe.name} is a {recipe.arch} model without cameras; --rig is for camera models")
+    from .camera.rig import rig_path
+
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, rig=str(rig_path(rig).resolve())))
+
+
 def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | None = None,
             passes: list[str] | None = None, overwrite: bool = False, custom_ops: str = "function",
-            standard_ops: bool = False, quiet: bool = False) -> ConvertResult:
+            standard_ops: bool = False, rig: str | Path | None = None, quiet: bool = False) -> ConvertResult:
     """``standard_ops`` also writes model.standard_ops.onnx: every deploykit::*
     node replaced by its lowering to standard ONNX ops, for runtimes that have
-    no plugin or kernel for them; it is checked like model.onnx."""
+    no plugin or kernel for them; it is checked like model.onnx. ``rig`` replaces
+    the recipe's camera rig; the one used is copied into OUT/rig.json."""
     from .engines import ort as ort_engine
 
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    recipe = with_rig(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), rig)
     passes = list(recipe.convert.passes if passes is None else passes)
     out_dir = Path(out_dir)
     ensure_writable(out_dir, overwrite=overwrite)
@@ -146,6 +165,9 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
 
     with steps.step(f"load {recipe.name} checkpoint"):
         original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
+    coverage = original.rig_coverage() if hasattr(original, "rig_coverage") else None
+    for w in coverage_warnings(coverage or {}):
+        console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     if ckpt_meta.get("synthetic"):
         # Printed even with quiet: numbers measured on stand-in weights must never pass for a real model's.
         console().print(f"[yellow]note:[/yellow] {recipe.name} runs on deterministic synthetic weights "
@@ -191,6 +213,13 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                                  custom_ops)
             if "standard_ops" in check:
                 manifest["onnx"]["standard_ops_file"] = STANDARD_OPS_FILE
+            if coverage is not None:
+                from .camera.rig import rig_path
+
+                source = rig_path(recipe.model.rig)
+                shutil.copyfile(source, scratch / RIG_FILE)
+                manifest["rig"] = {"file": RIG_FILE, "source": str(source), "sha256": sha256_file(source),
+                                   "bev_coverage": coverage}
             write_json(scratch / "manifest.json", manifest)
     return ConvertResult(out_dir, manifest, check)
 

@@ -413,3 +413,8 @@ def update_baseline(baseline_path: Path, candidates: list[Path], *, threads: int
             "entries": entries}
     write_json(baseline_path, data)
     return data
+
+
+from .api import callable_module  # noqa: E402 - deploykit.gate(...) is gate(...)
+
+callable_module(__name__, "deploykit.gate:gate")

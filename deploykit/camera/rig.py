@@ -53,13 +53,20 @@ class CameraRig:
         return np.stack([c.lidar2img(scale) for c in self.cameras])
 
 
-def load_rig(name_or_path: str | Path) -> CameraRig:
+def rig_path(name_or_path: str | Path) -> Path:
+    """A rig file: a path, or the name of a bundled rig in calib/rigs/."""
     path = Path(name_or_path)
     if not path.is_file():
         path = RIGS_DIR / f"{Path(name_or_path).stem}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in RIGS_DIR.glob("*.json")))
-        raise RigError(f"camera rig '{name_or_path}' not found; bundled rigs: {known}")
+        raise RigError(f"camera rig '{name_or_path}' not found; bundled rigs: {known} (or pass a rig file, e.g. "
+                       "from `deploykit rig --from-nuscenes`)")
+    return path
+
+
+def load_rig(name_or_path: str | Path) -> CameraRig:
+    path = rig_path(name_or_path)
     try:
         data = json.loads(path.read_text())
         cameras = tuple(_camera(c, path) for c in data["cameras"])

@@ -56,6 +56,29 @@ def bev_visibility(rig: CameraRig, *, bev_h: int, bev_w: int, pc_range, num_poin
     return uv.transpose(0, 2, 1, 3), mask[..., 0].transpose(0, 2, 1)
 
 
+# A camera that sees less of the BEV grid than this is probably mis-calibrated.
+LOW_COVERAGE = 0.03
+
+
+def camera_coverage(rig, bev_mask: np.ndarray) -> dict[str, float]:
+    """Fraction of the BEV pillars each camera sees (any height anchor in its image);
+    a camera that sees none is an error: nothing it takes in could reach the BEV."""
+    seen = np.asarray(bev_mask).any(-1).mean(-1)  # (N,)
+    for name, fraction in zip(rig.names, seen):
+        if fraction == 0:
+            raise RigError(f"camera {name} sees none of the {bev_mask.shape[1]} BEV pillars (rig {rig.name}): it faces "
+                           "away from the grid, or its extrinsics are not camera-to-LiDAR in the checkpoint's LiDAR "
+                           "frame; build the rig with `deploykit rig --from-nuscenes`, or check its "
+                           "sensor2lidar_rotation")
+    return {name: float(f) for name, f in zip(rig.names, seen)}
+
+
+def coverage_warnings(coverage: dict[str, float]) -> list[str]:
+    return [f"camera {name} sees only {f:.1%} of the BEV grid: is it facing away from the grid, or are its "
+            "extrinsics in another frame than the checkpoint's LiDAR frame?"
+            for name, f in coverage.items() if f < LOW_COVERAGE]
+
+
 @dataclass
 class VirtualBEV:
     """Per camera, which BEV query fills each of its ``virtual_h * virtual_w`` slots.
@@ -83,12 +106,7 @@ def plan_virtual_bev(rig: CameraRig, bev_mask: np.ndarray, *, max_cams_per_pilla
     num_cams, num_queries, _ = bev_mask.shape
     anchors = bev_mask.sum(-1)  # (N, Q) height anchors seen
     seen = anchors > 0
-    for c, name in enumerate(rig.names):
-        if not seen[c].any():
-            raise RigError(
-                f"camera {name} sees none of the {num_queries} BEV pillars; check its extrinsics "
-                "(facing away from the grid, below the ground or upside down?) or drop it from the rig"
-            )
+    camera_coverage(rig, bev_mask)  # a camera that sees nothing is a rig error, not a slot-grid one
     kept = _cap_cameras(anchors, max_cams_per_pillar)
     per_cam = kept.sum(1)
     slots = virtual_h * virtual_w

@@ -34,7 +34,7 @@ from ..artifacts import atomic_directory, ensure_writable, save_safetensors, sha
 from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
 from ..errors import InputError, RecipeError
-from ..export import CHECK_SEED
+from ..export import CHECK_SEED, with_rig
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, console, track
@@ -71,10 +71,33 @@ def load_converted(recipe: Recipe, converted: Path) -> tuple[torch.nn.Module, di
                          f"not {recipe.name!r}")
     from safetensors.torch import load_file
 
+    recipe = converted_rig(recipe, converted, manifest)
     model = apply_passes(build_model(recipe), manifest["passes"]).eval()
     load_state_dict(model, load_file(str(converted / "weights.safetensors")), source=str(converted),
                     recipe=recipe.name)
     return model, manifest
+
+
+def converted_rig(recipe: Recipe, converted: Path, manifest: dict) -> Recipe:
+    """The recipe with the camera rig the model was converted with (its copy in the
+    converted directory): the rig is a constant of the model, fixed at convert."""
+    rig = manifest.get("rig")
+    if not rig:
+        return recipe
+    return with_rig(recipe, Path(converted) / rig["file"])
+
+
+def check_rig(converted: Path, manifest: dict, rig: str | Path | None) -> None:
+    """``--rig`` on quantize must be the rig the model was converted with."""
+    if rig is None:
+        return
+    from ..camera.rig import rig_path
+
+    if not manifest.get("rig"):
+        raise InputError(f"{converted} is a model without cameras; --rig is for camera models")
+    if sha256_file(rig_path(rig)) != manifest["rig"]["sha256"]:
+        raise InputError(f"--rig {rig} is not the rig {converted} was converted with ({manifest['rig']['source']}): "
+                         "the rig is built into the model; convert again with `deploykit convert --rig`")
 
 
 def recipe_of_converted(converted: str | Path) -> Recipe:
@@ -118,13 +141,14 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
 
 def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
              int16: tuple[str, ...] = (), int16_sensitive: bool = False, eval_scenes: int | None = None,
-             overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
+             rig: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
     """``recipe`` None takes the one the converted directory's manifest names.
     ``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
     smallest set of modules, ranked by measured sensitivity, that meets
     ``[quantize] target_sqnr_db`` within ``int16_budget`` modules (see
     deploykit.quantize.sensitivity); ``int16`` patterns are added either way.
-    ``eval_scenes`` overrides the recipe's number of labelled scenes scored in mAP (0 skips it)."""
+    ``eval_scenes`` overrides the recipe's number of labelled scenes scored in mAP (0 skips it).
+    ``rig``, when given, must be the rig the model was converted with (it is a constant of the model)."""
     recipe = recipe_of_converted(converted) if recipe is None else recipe
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if eval_scenes is not None:
@@ -139,6 +163,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
                           "sample generator cannot label; set eval_scenes = 0")
     with steps.step(f"load converted {recipe.name} and the calibration set"):
         model, manifest = load_converted(recipe, Path(converted))
+        check_rig(Path(converted), manifest, rig)
         target_outputs = _target_outputs(recipe, model)
         calib_path = Path(calib) if calib else default_calib_set(recipe)
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]

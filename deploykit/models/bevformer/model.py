@@ -165,7 +165,7 @@ class BEVFormerHead(nn.Module):
 def rig_projection(cfg: BEVFormerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """BEVFormer's point_sampling for the recipe's rig: (N, 1, Q, D, 2) and (N, 1, Q, D)."""
     from ...camera.rig import load_rig
-    from ...camera.virtual_bev import bev_visibility
+    from ...camera.virtual_bev import bev_visibility, camera_coverage
 
     rig = load_rig(cfg.rig)
     if len(rig.cameras) != cfg.num_cams:
@@ -173,10 +173,32 @@ def rig_projection(cfg: BEVFormerConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
         raise RecipeError(f"rig {rig.name} has {len(rig.cameras)} cameras, the recipe's model has num_cams="
                           f"{cfg.num_cams}")
+    check_image_size(rig, cfg)
     ref_cam, mask = bev_visibility(rig, bev_h=cfg.bev_h, bev_w=cfg.bev_w, pc_range=cfg.pc_range,
                                    num_points_in_pillar=cfg.num_points_in_pillar, scale=cfg.image_scale,
                                    img_shape=cfg.image_size)
+    camera_coverage(rig, mask)  # refuses a camera that sees none of the grid
     return torch.from_numpy(np.ascontiguousarray(ref_cam))[:, None], torch.from_numpy(mask)[:, None]
+
+
+def scaled_image_size(raw: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(H, W) after BEVFormer's RandomScaleImageMultiViewImage (int() of size x scale) and
+    PadMultiViewImage (up to a multiple of 32)."""
+    h, w = (int(v * scale) for v in raw)
+    return -(-h // 32) * 32, -(-w // 32) * 32
+
+
+def check_image_size(rig, cfg: BEVFormerConfig) -> None:
+    from ...errors import RigError
+
+    padded = scaled_image_size(rig.image_size, cfg.image_scale)
+    if padded != tuple(cfg.image_size):
+        h, w = rig.image_size
+        raise RigError(f"rig {rig.name} has {w}x{h} images: image_scale {cfg.image_scale} makes them "
+                       f"{int(w * cfg.image_scale)}x{int(h * cfg.image_scale)}, padded {padded[1]}x{padded[0]}, "
+                       f"but the model takes {cfg.image_size[1]}x{cfg.image_size[0]} (image_size); set [model] "
+                       f"image_scale to about {cfg.image_size[1] / w:.4g} or use a rig with the images the "
+                       "checkpoint was trained on")
 
 
 class BEVFormer(nn.Module):
@@ -190,6 +212,13 @@ class BEVFormer(nn.Module):
         self.img_neck = FPN(cfg.backbone.out_channels, cfg.neck)
         ref_cam, mask = rig_projection(cfg)
         self.pts_bbox_head = BEVFormerHead(cfg, ref_cam, mask)
+
+    def rig_coverage(self) -> dict[str, float]:
+        """Fraction of the BEV grid each camera of the rig sees."""
+        from ...camera.rig import load_rig
+        from ...camera.virtual_bev import camera_coverage
+
+        return camera_coverage(load_rig(self.config.rig), self.pts_bbox_head.transformer.encoder.bev_mask[:, 0].numpy())
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
