@@ -11,6 +11,25 @@
 Both skip the final NMS: agreement between a float and a quantized model is
 measured on what the network itself says, before a post-process that would
 hide (or add) differences.
+
+Box convention (``Boxes``), the same for every architecture: mmdet3d >= 1.0's
+LiDAR convention, in the LiDAR frame of the frame the model saw.
+
+* ``centers`` (K, 3): x, y, z of the box's gravity centre, metres.
+* ``dims`` (K, 3): l, w, h; l is the extent along the heading, w across it.
+* ``yaw`` (K,): the heading, radians counter-clockwise from +x (about +z);
+  not wrapped into a range (a decoder's value is kept as it comes out, so the
+  nuScenes quaternion built from it is the released code's, sign included).
+* ``velocity`` (K, 2) or None: vx, vy in m/s in the LiDAR frame; both decoders
+  fill it (zeros where the head has no velocity output), None is allowed for
+  boxes made elsewhere (e.g. ground truth without velocities).
+
+CenterPoint's coder emits this convention directly (deploykit's training
+targets encode log(dx, dy, dz) = log(l, w, h) and sin/cos of the 1.x yaw).
+BEVFormer is built on mmdet3d 0.17, whose LiDAR boxes are (w, l, h) with the
+0.x yaw; its ``output_to_nusc_box`` turns them into a nuScenes box of size
+(w, l, h) and heading ``-yaw - pi/2``, which is exactly the 1.x conversion
+(mmdet3d's coordinate refactor): l, w swapped and yaw_1x = -yaw_0x - pi/2.
 """
 
 from __future__ import annotations
@@ -22,18 +41,33 @@ import numpy as np
 
 @dataclass
 class Boxes:
-    centers: np.ndarray  # (K, 3) metres
-    dims: np.ndarray  # (K, 3)
-    yaw: np.ndarray  # (K,)
+    """Decoded boxes in the LiDAR frame, in the convention of the module docstring."""
+
+    centers: np.ndarray  # (K, 3) gravity centre x, y, z, metres
+    dims: np.ndarray  # (K, 3) l, w, h (l along the heading)
+    yaw: np.ndarray  # (K,) heading, radians from +x counter-clockwise
     scores: np.ndarray  # (K,)
     labels: np.ndarray  # (K,) class index over all tasks
+    velocity: np.ndarray | None = None  # (K, 2) vx, vy in m/s, LiDAR frame
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
     def take(self, index: np.ndarray) -> "Boxes":
         """The boxes at ``index`` (indices or a boolean mask)."""
-        return Boxes(self.centers[index], self.dims[index], self.yaw[index], self.scores[index], self.labels[index])
+        return Boxes(self.centers[index], self.dims[index], self.yaw[index], self.scores[index], self.labels[index],
+                     None if self.velocity is None else self.velocity[index])
+
+    @staticmethod
+    def concat(parts: "list[Boxes]") -> "Boxes":
+        """The boxes of ``parts`` one after the other; velocity kept if every part has it."""
+        if not parts:
+            raise ValueError("Boxes.concat needs at least one part")
+        vel = None
+        if all(p.velocity is not None for p in parts):
+            vel = np.concatenate([np.asarray(p.velocity).reshape(-1, 2) for p in parts])
+        return Boxes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("centers", "dims", "yaw", "scores",
+                                                                                 "labels")), vel)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -55,14 +89,20 @@ def decode_bevformer(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 300,
     order = np.argsort(-flat, kind="stable")[:k]
     scores, labels, query = flat[order], order % num_classes, order // num_classes
     b = bbox[query]
+    # denormalize_bbox: (cx, cy, cz, w, l, h, rot, vx, vy), mmdet3d 0.17 LiDAR boxes (cz the gravity centre:
+    # get_bboxes moves it to the bottom and LiDARInstance3DBoxes.gravity_center moves it back).
     centers = np.stack([b[:, 0], b[:, 1], b[:, 4]], 1)
-    dims = np.exp(np.stack([b[:, 2], b[:, 3], b[:, 5]], 1))
-    yaw = np.arctan2(b[:, 6], b[:, 7])
+    w, l, h = np.exp(b[:, 2]), np.exp(b[:, 3]), np.exp(b[:, 5])
+    rot = np.arctan2(b[:, 6], b[:, 7])
+    # To the 1.x convention, as output_to_nusc_box does for the nuScenes box: heading -rot - pi/2, length l.
+    dims = np.stack([l, w, h], 1)
+    yaw = -rot - np.pi / 2
+    velocity = b[:, 8:10] if b.shape[1] >= 10 else np.zeros((len(b), 2))
     r = cfg.pc_range
     keep = _in_range(centers, post_center_range or (r[0] - 10, r[1] - 10, -10.0, r[3] + 10, r[4] + 10, 10.0))
     if score_threshold is not None:
         keep &= scores > score_threshold
-    return Boxes(centers, dims, yaw, scores, labels).take(keep)
+    return Boxes(centers, dims, yaw, scores, labels, velocity).take(keep)
 
 
 def decode_centerpoint(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 500, score_threshold: float = 0.1,
@@ -83,14 +123,18 @@ def decode_centerpoint(cfg, outputs: dict[str, np.ndarray], *, max_num: int = 50
         x = (xs + reg[0]) * stride * v.voxel_size[0] + rng[0]
         y = (ys + reg[1]) * stride * v.voxel_size[1] + rng[1]
         z = outputs[f"task{t}.height"][0][0, ys, xs]
+        # log(l, w, h) and (sin, cos) of the 1.x yaw, as centerpoint_targets encodes them.
         dims = np.exp(outputs[f"task{t}.dim"][0][:, ys, xs].T.astype(np.float64))
         rot = outputs[f"task{t}.rot"][0][:, ys, xs]
-        parts.append((np.stack([x, y, z], 1), dims, np.arctan2(rot[0], rot[1]), scores, cls + offset))
+        vel_map = outputs.get(f"task{t}.vel")
+        # No velocity head: zeros, as mmdet3d's output_to_nusc_box does with_velocity=False.
+        vel = np.zeros((len(order), 2)) if vel_map is None else vel_map[0][:2, ys, xs].T.astype(np.float64)
+        parts.append((np.stack([x, y, z], 1), dims, np.arctan2(rot[0], rot[1]), scores, cls + offset, vel))
         offset += len(task.class_names)
-    centers, dims, yaw, scores, labels = (np.concatenate(p) for p in zip(*parts))
+    centers, dims, yaw, scores, labels, velocity = (np.concatenate(p) for p in zip(*parts))
     keep = scores > score_threshold
     keep &= _in_range(centers, post_center_range or (rng[0] - 10, rng[1] - 10, -10.0, rng[3] + 10, rng[4] + 10, 10.0))
-    return Boxes(centers, dims, yaw, scores, labels).take(keep)
+    return Boxes(centers, dims, yaw, scores, labels, velocity).take(keep)
 
 
 def circle_nms(boxes: Boxes, thresh: float, post_max_size: int = 83) -> Boxes:

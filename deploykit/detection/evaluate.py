@@ -32,8 +32,7 @@ def centerpoint_detections(cfg, outputs: dict[str, np.ndarray]) -> Boxes:
         mine = (boxes.labels >= first) & (boxes.labels < first + len(task.class_names))
         parts.append(circle_nms(boxes.take(mine), radius, head.post_max_size))
         first += len(task.class_names)
-    return Boxes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("centers", "dims", "yaw", "scores",
-                                                                              "labels")))
+    return Boxes.concat(parts)
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:

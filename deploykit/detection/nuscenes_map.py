@@ -1,6 +1,7 @@
 """nuScenes detection mAP (centre-distance matching), as nuscenes-devkit computes it.
 
-Reproduces, for the AP part only (no ATE/ASE/AOE/AVE/AAE, no NDS), nuscenes-devkit
+Reproduces, for the AP part only (the TP errors and NDS are ``deploykit.detection.nuscenes_eval``, which
+builds on the matching here), nuscenes-devkit
 (nutonomy/nuscenes-devkit, python-sdk/nuscenes/eval, commit d9de17a):
 
 * ``detection/algo.py`` ``accumulate``: the predictions of one class over all
@@ -30,7 +31,7 @@ Deliberate differences:
   filter as the devkit's check is. Inputs the devkit accepts are unaffected.
 * The bike-rack filter (bicycles and motorcycles inside a
   ``static_object.bicycle_rack`` box are dropped) needs those annotations and
-  is not done.
+  is not done here (``nuscenes_eval`` does it).
 * Box centres are taken to be in the ego frame: the distance for the range
   filter is from the origin, where the devkit subtracts the ego pose from
   global coordinates.
@@ -71,16 +72,19 @@ def _xy_dist(pred_xy: np.ndarray, gt_xy: np.ndarray) -> np.ndarray:
     return dist
 
 
-def _class_aps(gt_xy: list[np.ndarray], pred_xy: list[np.ndarray], pred_scores: list[np.ndarray],
-               dist_ths: Sequence[float], min_recall: float, min_precision: float) -> list[float]:
-    """AP of one class at each threshold; per-sample lists of float64 arrays."""
-    no_data = _calc_ap(np.zeros(_NELEM), min_recall, min_precision)
-    npos = sum(len(g) for g in gt_xy)
-    if npos == 0:
-        return [no_data] * len(dist_ths)
+def _greedy_match(gt_xy: list[np.ndarray], pred_xy: list[np.ndarray], pred_scores: list[np.ndarray],
+                  dist_ths: Sequence[float]) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """The devkit's ``accumulate`` matching of one class, at each threshold.
+
+    Per-sample float64 arrays in; returns ``order`` (the devkit's visiting order of the concatenated
+    predictions: descending score, equal scores later box first), and per threshold ``gt_of`` (the GT box,
+    as an index into the concatenated GT, each prediction took; -1 for a false positive) and ``dist`` (the
+    devkit's ``center_distance`` to that GT box, the trans_err of the match; NaN for a false positive).
+    """
     counts = [len(s) for s in pred_scores]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
-    scores = np.concatenate(pred_scores)
+    gt_starts = np.concatenate([[0], np.cumsum([len(g) for g in gt_xy])]).astype(int)
+    scores = np.concatenate(pred_scores) if pred_scores else np.zeros(0)
     n = scores.size
     order = np.lexsort((np.arange(n), scores))[::-1]
     rank = np.empty(n, int)
@@ -91,13 +95,17 @@ def _class_aps(gt_xy: list[np.ndarray], pred_xy: list[np.ndarray], pred_scores: 
     for s, (g, p) in enumerate(zip(gt_xy, pred_xy)):
         if len(g) and len(p):
             visit = np.argsort(rank[starts[s]:starts[s + 1]])
-            per_sample.append((starts[s], visit, _xy_dist(p, g)))
+            dist = _xy_dist(p, g)
+            per_sample.append((starts[s], gt_starts[s], visit, dist, dist.min(1)))
 
-    aps = []
+    gt_of_all, dist_all = [], []
     for th in dist_ths:
-        tp = np.zeros(n, bool)
-        for start, visit, dist in per_sample:
-            if not dist.min() < th:
+        gt_of = np.full(n, -1, np.int64)
+        match_dist = np.full(n, np.nan)
+        for start, gt_start, visit, dist, nearest in per_sample:
+            # A prediction with no GT box within th is a false positive that takes nothing: skip it.
+            visit = visit[nearest[visit] < th]
+            if not len(visit):
                 continue
             free = np.ones(dist.shape[1], bool)
             for r in visit:
@@ -105,15 +113,35 @@ def _class_aps(gt_xy: list[np.ndarray], pred_xy: list[np.ndarray], pred_scores: 
                 j = int(np.argmin(row))  # first of equal minima, as the devkit's strict `<` keeps the first
                 if row[j] < th:
                     free[j] = False
-                    tp[start + r] = True
+                    gt_of[start + r] = gt_start + j
+                    match_dist[start + r] = row[j]
+        gt_of_all.append(gt_of)
+        dist_all.append(match_dist)
+    return order, gt_of_all, dist_all
+
+
+def _precision_curve(tp_sorted: np.ndarray, npos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative precision and recall of the predictions in visiting order (``accumulate``)."""
+    tp_cum = np.cumsum(tp_sorted).astype(float)
+    fp_cum = np.cumsum(~tp_sorted).astype(float)
+    return tp_cum / (fp_cum + tp_cum), tp_cum / float(npos)
+
+
+def _class_aps(gt_xy: list[np.ndarray], pred_xy: list[np.ndarray], pred_scores: list[np.ndarray],
+               dist_ths: Sequence[float], min_recall: float, min_precision: float) -> list[float]:
+    """AP of one class at each threshold; per-sample lists of float64 arrays."""
+    no_data = _calc_ap(np.zeros(_NELEM), min_recall, min_precision)
+    npos = sum(len(g) for g in gt_xy)
+    if npos == 0:
+        return [no_data] * len(dist_ths)
+    order, gt_of_all, _ = _greedy_match(gt_xy, pred_xy, pred_scores, dist_ths)
+    aps = []
+    for gt_of in gt_of_all:
+        tp = gt_of >= 0
         if not tp.any():
             aps.append(no_data)
             continue
-        tp = tp[order]
-        tp_cum = np.cumsum(tp).astype(float)
-        fp_cum = np.cumsum(~tp).astype(float)
-        prec = tp_cum / (fp_cum + tp_cum)
-        rec = tp_cum / float(npos)
+        prec, rec = _precision_curve(tp[order], npos)
         prec = np.interp(np.linspace(0, 1, _NELEM), rec, prec, right=0)
         aps.append(_calc_ap(prec, min_recall, min_precision))
     return aps

@@ -18,8 +18,11 @@ def test_bevformer_decode_follows_nms_free_coder(bev_recipe):
     boxes = decode_bevformer(cfg, {"cls_scores": cls, "bbox_preds": bbox}, max_num=2)
     assert len(boxes) == 1 and boxes.labels.tolist() == [1]
     np.testing.assert_allclose(boxes.centers[0], [5.0, -3.0, 0.5])
-    np.testing.assert_allclose(boxes.dims[0], [2.0, 4.0, 1.5], rtol=1e-6)
-    assert boxes.yaw[0] == pytest.approx(np.pi / 2)  # atan2(sin=1, cos=0)
+    # denormalize_bbox gives w=2, l=4, h=1.5 and the 0.x rot atan2(sin=1, cos=0) = pi/2; deploykit's boxes are
+    # (l, w, h) with the 1.x heading -rot - pi/2, as BEVFormer's output_to_nusc_box builds the nuScenes box.
+    np.testing.assert_allclose(boxes.dims[0], [4.0, 2.0, 1.5], rtol=1e-6)
+    assert boxes.yaw[0] == pytest.approx(-np.pi)
+    np.testing.assert_allclose(boxes.velocity[0], [0.1, 0.2], rtol=1e-6)
     assert boxes.scores[0] == pytest.approx(1 / (1 + np.exp(-3.0)))
 
 
@@ -38,14 +41,29 @@ def test_centerpoint_decode_puts_peaks_in_metres(small_recipe):
     outputs["task1.heatmap"][0, 1, 3, 5] = 4.0  # task 1, its second class
     outputs["task1.reg"][0, :, 3, 5] = [0.25, 0.5]
     outputs["task1.rot"][0, :, 3, 5] = [0.0, -1.0]
+    outputs["task1.vel"][0, :, 3, 5] = [1.5, -0.5]
+    outputs["task1.dim"][0, :, 3, 5] = np.log([4.0, 2.0, 1.5])  # log(l, w, h), as centerpoint_targets encodes
     boxes = decode_centerpoint(cfg, outputs)
     assert len(boxes) == 1
     assert boxes.labels[0] == len(cfg.head.tasks[0].class_names) + 1
     x = (5 + 0.25) * stride * v.voxel_size[0] + v.point_cloud_range[0]
     y = (3 + 0.5) * stride * v.voxel_size[1] + v.point_cloud_range[1]
     np.testing.assert_allclose(boxes.centers[0], [x, y, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(boxes.dims[0], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(boxes.dims[0], [4.0, 2.0, 1.5], rtol=1e-6)
     assert boxes.yaw[0] == pytest.approx(np.pi)
+    np.testing.assert_allclose(boxes.velocity[0], [1.5, -0.5])
+    without_vel = {k: v for k, v in outputs.items() if not k.endswith(".vel")}
+    np.testing.assert_array_equal(decode_centerpoint(cfg, without_vel).velocity, [[0.0, 0.0]])
+
+
+def test_boxes_take_and_concat_keep_velocity():
+    b = Boxes(np.zeros((3, 3)), np.ones((3, 3)), np.zeros(3), np.array([0.1, 0.5, 0.9]), np.array([0, 1, 2]),
+              np.arange(6.0).reshape(3, 2))
+    np.testing.assert_array_equal(b.take(np.array([2, 0])).velocity, [[4, 5], [0, 1]])
+    both = Boxes.concat([b, b.take(np.array([1]))])
+    assert len(both) == 4 and both.velocity.tolist()[-1] == [2.0, 3.0]
+    assert Boxes.concat([b, _boxes([[0, 0, 0]], [0])]).velocity is None
+    assert _boxes([[0, 0, 0]], [0]).take(np.array([0])).velocity is None
 
 
 def _boxes(centers, labels, scores=None):
