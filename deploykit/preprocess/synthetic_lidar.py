@@ -61,23 +61,57 @@ def make_scene(
     """
     rng = np.random.default_rng(seed)
     boxes, labels = _place_objects(rng, point_cloud_range, num_objects)
+    cast = cast_sweep(boxes, labels, rng, beams=beams, azimuth_steps=azimuth_steps, noise_std=noise_std)
+    return Scene(points=cast.points[_in_range(cast.points, point_cloud_range)], boxes=boxes, labels=labels)
+
+
+@dataclass
+class CastSweep:
+    """One ray-cast sweep, unfiltered: every ray with a return within ``MAX_RANGE``."""
+
+    points: np.ndarray  # (M, 5) float32: x, y, z, intensity 0-1, time_lag (0)
+    ring: np.ndarray  # (M,) int64 beam index, 0 = lowest beam
+    box_index: np.ndarray  # (M,) int64 index of the box the ray hit, -1 for the ground
+    rays_on_box: np.ndarray  # (K,) int64 rays that would reach each box if no other box occluded it
+
+
+def cast_sweep(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    beams: int = 32,
+    azimuth_steps: int = 1024,
+    noise_std: float = 0.02,
+) -> CastSweep:
+    """Ray cast one sweep of a ``beams`` x ``azimuth_steps`` LiDAR at the origin (ground at
+    ``GROUND_Z``) over the given boxes (K, 7: x, y, z_center, length, width, height, yaw in
+    the sensor frame) with ``labels`` indices into CLASSES.
+
+    ``rng`` draws the spin phase, the range noise and the intensity noise, in that
+    order; make_scene passes its own generator, so its scenes depend on this order.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
     directions = _ray_directions(rng, beams, azimuth_steps)
+    ring = np.arange(len(directions), dtype=np.int64) // azimuth_steps
 
     ground_range = _ground_range(directions)
-    box_range, box_index = _nearest_box_hit(directions, boxes)
+    box_range, box_index, rays_on_box = _nearest_box_hit(directions, boxes, ground_range)
     hits_box = box_range < ground_range
     ray_range = np.where(hits_box, box_range, ground_range)
     has_return = ray_range < MAX_RANGE
 
     directions, ray_range = directions[has_return], ray_range[has_return]
-    hits_box, box_index = hits_box[has_return], box_index[has_return]
+    hits_box, box_index, ring = hits_box[has_return], box_index[has_return], ring[has_return]
     ray_range = ray_range + rng.normal(0.0, noise_std, ray_range.shape)
     xyz = directions * ray_range[:, None]
 
-    intensity = np.where(hits_box, _CLASS_INTENSITY[labels[box_index]], _GROUND_INTENSITY)
+    box_intensity = _CLASS_INTENSITY[labels[box_index]] if len(labels) else _GROUND_INTENSITY
+    intensity = np.where(hits_box, box_intensity, _GROUND_INTENSITY)
     intensity = np.clip(intensity + rng.normal(0.0, _INTENSITY_STD, intensity.shape), 0.0, 1.0)
     points = np.column_stack([xyz, intensity, np.zeros_like(intensity)]).astype(np.float32)
-    return Scene(points=points[_in_range(points, point_cloud_range)], boxes=boxes, labels=labels)
+    return CastSweep(points=points, ring=ring, box_index=np.where(hits_box, box_index, -1),
+                     rays_on_box=rays_on_box)
 
 
 def _place_objects(
@@ -126,13 +160,16 @@ def _ground_range(directions: np.ndarray) -> np.ndarray:
     return np.where(down, GROUND_Z / safe_dz, np.inf)
 
 
-def _nearest_box_hit(directions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Range to the nearest box along each ray from the origin (inf if none) and that box's index.
+def _nearest_box_hit(
+    directions: np.ndarray, boxes: np.ndarray, ground_range: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Range to the nearest box along each ray from the origin (inf if none), that box's index,
+    and per box the rays that reach it before the ground and ``MAX_RANGE`` (ignoring other boxes).
 
     Slab test in each box's frame: rotating by -yaw makes the box axis-aligned.
     """
     if len(boxes) == 0:
-        return np.full(len(directions), np.inf), np.zeros(len(directions), dtype=np.int64)
+        return np.full(len(directions), np.inf), np.zeros(len(directions), dtype=np.int64), np.zeros(0, np.int64)
     boxes = boxes.astype(np.float64)
     cos_yaw, sin_yaw = np.cos(boxes[:, 6]), np.sin(boxes[:, 6])
     # The sensor sits at the world origin, so in box k's frame it is at -centre_k rotated.
@@ -152,7 +189,8 @@ def _nearest_box_hit(directions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndar
     t_exit = np.maximum(t_low, t_high).min(axis=2)
     hit_range = np.where((t_enter <= t_exit) & (t_enter > 0), t_enter, np.inf)
     nearest = hit_range.argmin(axis=1)
-    return hit_range[np.arange(len(directions)), nearest], nearest
+    reachable = (hit_range < ground_range[:, None]) & (hit_range < MAX_RANGE)
+    return hit_range[np.arange(len(directions)), nearest], nearest, reachable.sum(axis=0).astype(np.int64)
 
 
 def _rotate_by_minus_yaw(
