@@ -27,8 +27,9 @@ class Camera:
     sensor2lidar_rotation: np.ndarray  # (3, 3), columns are the camera axes in the LiDAR frame
     sensor2lidar_translation: np.ndarray  # (3,)
 
-    def lidar2img(self, scale: float = 1.0) -> np.ndarray:
-        """BEVFormer's lidar2img (nuScenes converter), then its image-resize scaling."""
+    def lidar2img(self, scale: float = 1.0, crop: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """BEVFormer's lidar2img (nuScenes converter), then its image-resize scaling and a
+        crop of ``crop`` = (top, left) pixels of the resized image."""
         lidar2cam_r = np.linalg.inv(self.sensor2lidar_rotation)
         lidar2cam_t = self.sensor2lidar_translation @ lidar2cam_r.T
         lidar2cam_rt = np.eye(4)
@@ -36,7 +37,9 @@ class Camera:
         lidar2cam_rt[3, :3] = -lidar2cam_t
         viewpad = np.eye(4)
         viewpad[:3, :3] = self.intrinsic
-        return np.diag([scale, scale, 1.0, 1.0]) @ viewpad @ lidar2cam_rt.T
+        shift = np.eye(4)
+        shift[:2, 2] = [-crop[1], -crop[0]]  # u, v are divided by depth (row 2) afterwards
+        return shift @ np.diag([scale, scale, 1.0, 1.0]) @ viewpad @ lidar2cam_rt.T
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class CameraRig:
     def names(self) -> list[str]:
         return [c.name for c in self.cameras]
 
-    def lidar2img(self, scale: float = 1.0) -> np.ndarray:
-        return np.stack([c.lidar2img(scale) for c in self.cameras])
+    def lidar2img(self, scale: float = 1.0, crop: tuple[int, int] = (0, 0)) -> np.ndarray:
+        return np.stack([c.lidar2img(scale, crop) for c in self.cameras])
 
 
 def rig_path(name_or_path: str | Path) -> Path:

@@ -40,11 +40,13 @@ def reference_points_3d(bev_h: int, bev_w: int, pc_range, num_points_in_pillar: 
 
 
 def bev_visibility(rig: CameraRig, *, bev_h: int, bev_w: int, pc_range, num_points_in_pillar: int,
-                   scale: float, img_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Return (reference_points_cam (N, Q, D, 2) in [0, 1], bev_mask (N, Q, D))."""
+                   scale: float, img_shape: tuple[int, int],
+                   crop: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, np.ndarray]:
+    """Return (reference_points_cam (N, Q, D, 2) in [0, 1], bev_mask (N, Q, D)); ``crop`` is
+    the (top, left) cut of the resized images."""
     ref = reference_points_3d(bev_h, bev_w, pc_range, num_points_in_pillar)
     homo = np.concatenate([ref, np.ones_like(ref[..., :1])], axis=-1)  # (D, Q, 4)
-    lidar2img = rig.lidar2img(scale).astype(np.float32)  # (N, 4, 4)
+    lidar2img = rig.lidar2img(scale, crop).astype(np.float32)  # (N, 4, 4)
     cam = np.einsum("nij,dqj->ndqi", lidar2img, homo)  # (N, D, Q, 4)
     depth = cam[..., 2:3]
     mask = depth > EPS

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .frames import Annotation, CameraView, SensorFrame, Sweep, invert_pose, pose_matrix, quaternion_yaw
+from .can_bus import can_bus_from_pose
+from .frames import Annotation, CameraView, SensorFrame, Sweep, invert_pose, pose_matrix
 
 REQUIRED_TABLES = ("scene", "sample", "sample_data", "calibrated_sensor", "sensor", "ego_pose", "sample_annotation",
                    "instance", "category", "attribute", "log")
@@ -289,7 +290,7 @@ class NuScenesLayout:
         """(18,) float64: BEVFormer's ``_get_can_bus_info`` (zeros where the scene has no
         ``can_bus/<scene>_pose.json``), then ``get_data_info``: [:3] ego translation, [3:7]
         the ego rotation's w four times (BEVFormer's numpy broadcast of a Quaternion, see
-        below), [-2] / [-1] the ego yaw wrapped to [0, 360) degrees, in radians / degrees.
+        deploykit.data.can_bus.can_bus_from_pose), [-2] / [-1] the ego yaw wrapped to [0, 360) degrees, in radians / degrees.
         The ego pose is LIDAR_TOP's (a camera's if the sample has no LiDAR)."""
         sample = self.get("sample", sample_token)
         scene = self._ref("scene", sample, "sample", "scene_token")
@@ -299,18 +300,7 @@ class NuScenesLayout:
             raise InputError(f"sample {sample_token} has no LIDAR_TOP or CAM_* keyframe to take the ego pose from")
         ego = self._poses(self.get("sample_data", data[channel]))[1]
         can_bus = self._can_bus_info(scene["name"], int(sample["timestamp"]))
-        rotation = [float(v) for v in ego["rotation"]]
-        can_bus[:3] = ego["translation"]
-        # BEVFormer assigns a pyquaternion Quaternion to the slice; numpy converts it with
-        # __float__ (its w) and broadcasts, so [3:7] hold w four times. The released
-        # checkpoints were trained on that (BEVFormer PR #285, unmerged, would change it).
-        can_bus[3:7] = rotation[0]
-        patch_angle = quaternion_yaw(rotation) / np.pi * 180
-        if patch_angle < 0:
-            patch_angle += 360
-        can_bus[-2] = patch_angle / 180 * np.pi
-        can_bus[-1] = patch_angle
-        return can_bus
+        return can_bus_from_pose(ego["translation"], ego["rotation"], can_bus[7:16])
 
     def _can_bus_info(self, scene_name: str, timestamp: int) -> np.ndarray:
         messages = self._can_pose_messages(scene_name)

@@ -14,8 +14,8 @@ Geometry, as on the nuScenes car:
 * LIDAR_TOP: ``LIDAR_HEIGHT`` (synthetic_lidar.SENSOR_HEIGHT) above the ground,
   rotated -90 degrees about z: its x points right, its y forward;
 * cameras: the geometry of calib/rigs/nuscenes_surround.json, whose frame is
-  LIDAR_TOP's origin with x forward, y left (so the rig rotation is the
-  camera-to-ego rotation), intrinsics scaled to ``image_size``;
+  LIDAR_TOP's, mounted on the LiDAR through its extrinsics; intrinsics scaled to
+  ``image_size``;
 * objects live in the global frame, static or at constant velocity; each sweep
   is ray cast from that sweep's sensor pose with the objects where they are at
   its timestamp. Annotations are (w, l, h) boxes with a yaw quaternion about z
@@ -53,6 +53,8 @@ SWEEP_INTERVAL_US = 50_000  # LiDAR at 20 Hz
 LIDAR_HEIGHT = SENSOR_HEIGHT
 LIDAR_TRANSLATION = (0.94, 0.0, LIDAR_HEIGHT)  # in the ego frame
 LIDAR_YAW = -np.pi / 2
+LIDAR_ROTATION_MATRIX = np.array([[np.cos(LIDAR_YAW), -np.sin(LIDAR_YAW), 0.0],
+                                  [np.sin(LIDAR_YAW), np.cos(LIDAR_YAW), 0.0], [0.0, 0.0, 1.0]]).round(12)
 BEAMS, AZIMUTH_STEPS = 32, 1024
 # Camera exposure times relative to the LiDAR keyframe (the cameras fire as the spin passes them).
 CAMERA_OFFSET_US = {"CAM_FRONT": -7_500, "CAM_FRONT_RIGHT": 500, "CAM_FRONT_LEFT": -15_500, "CAM_BACK": 25_000,
@@ -414,8 +416,8 @@ def _link(records: list[dict]) -> None:
 
 def _camera_geometry(image_size: tuple[int, int]) -> dict[str, tuple[list, list, list]]:
     """Per camera (translation, rotation quaternion) in the ego frame and the intrinsic
-    matrix, from calib/rigs/nuscenes_surround.json (its LiDAR frame: LIDAR_TOP's origin,
-    x forward, y left, z up, i.e. parallel to the ego frame)."""
+    matrix, from calib/rigs/nuscenes_surround.json, whose frame is LIDAR_TOP's: the
+    cameras are mounted on the LiDAR through its extrinsics."""
     from ..camera.rig import load_rig
 
     rig = load_rig("nuscenes_surround")
@@ -424,8 +426,9 @@ def _camera_geometry(image_size: tuple[int, int]) -> dict[str, tuple[list, list,
     for cam in rig.cameras:
         k = cam.intrinsic
         intrinsic = [[k[0, 0] * sx, 0.0, k[0, 2] * sx], [0.0, k[1, 1] * sy, k[1, 2] * sy], [0.0, 0.0, 1.0]]
-        translation = (np.asarray(LIDAR_TRANSLATION) + cam.sensor2lidar_translation).tolist()
-        rotation = rotation_to_quaternion(cam.sensor2lidar_rotation)
+        lidar2ego = LIDAR_ROTATION_MATRIX
+        translation = (np.asarray(LIDAR_TRANSLATION) + lidar2ego @ cam.sensor2lidar_translation).tolist()
+        rotation = rotation_to_quaternion(lidar2ego @ cam.sensor2lidar_rotation)
         out[cam.name] = (translation, (rotation / np.linalg.norm(rotation)).tolist(), intrinsic)
     missing = set(CAMERAS) - set(out)
     if missing:

@@ -44,17 +44,16 @@ def normalize_images(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 def synthetic_can_bus(rng: np.random.Generator) -> np.ndarray:
-    """A plausible nuScenes can_bus vector: position, orientation quaternion, accel,
+    """A plausible nuScenes can_bus vector, laid out as BEVFormer builds it from an ego
+    pose (deploykit.data.can_bus): position, the rotation's w (four times), accel,
     rotation rate, velocity, then yaw in radians and degrees at [-2] and [-1]."""
-    can_bus = np.zeros(18, np.float64)
-    can_bus[:3] = rng.uniform(-500, 500, 3) * [1, 1, 0]
+    from ..data.can_bus import can_bus_from_pose
+    from ..data.frames import yaw_quaternion
+
+    position = rng.uniform(-500, 500, 3) * [1, 1, 0]
     yaw = rng.uniform(-np.pi, np.pi)
-    can_bus[3:7] = [np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
-    can_bus[7:10] = rng.normal(0, 0.5, 3)
-    can_bus[10:13] = rng.normal(0, 0.05, 3)
-    can_bus[13:16] = [rng.uniform(0, 12), 0, 0]
-    can_bus[16], can_bus[17] = yaw, np.degrees(yaw)
-    return can_bus
+    fields = np.concatenate([rng.normal(0, 0.5, 3), rng.normal(0, 0.05, 3), [rng.uniform(0, 12), 0, 0]])
+    return can_bus_from_pose(position, yaw_quaternion(yaw), fields)
 
 
 def sample_inputs(cfg, seed: int, first_frame: bool | None = None) -> Sample:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,9 @@ class PillarInputs:
     feeds: dict[str, np.ndarray]
     pillars_pnc: np.ndarray  # (P_real, N, C) decorated
     coords: np.ndarray  # (P_real, 4) int32 [0, z, y, x]
+    # Non-empty pillars beyond max_pillars, dropped as mmcv does, and what to do about it.
+    dropped_pillars: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_pillars(self) -> int:
@@ -48,7 +51,17 @@ def pillar_inputs(points: np.ndarray, model_cfg, layout: str) -> PillarInputs:
                          legacy=enc.legacy)
     pillars, coords = pack_pillars(decorated, voxels.coords, grid.max_voxels, layout)
     real = np.concatenate([np.zeros((voxels.num_voxels, 1), np.int32), voxels.coords], axis=1)
-    return PillarInputs({"pillars": pillars, "coords": coords}, decorated, real)
+    return PillarInputs({"pillars": pillars, "coords": coords}, decorated, real, voxels.dropped_voxels,
+                        _overflow_warnings(voxels, grid.max_voxels))
+
+
+def _overflow_warnings(voxels, max_pillars: int) -> list[str]:
+    if not voxels.dropped_voxels:
+        return []
+    total = voxels.num_voxels + voxels.dropped_voxels
+    return [f"{voxels.dropped_voxels} of {total} non-empty pillars ({voxels.dropped_points} points) did not fit "
+            f"max_pillars={max_pillars} and were dropped, the last ones in point order as mmcv does; raise "
+            f"[model.voxelization] max_pillars to at least {total} and re-export the engine."]
 
 
 def sample_scene(model_cfg, seed: int):

@@ -71,6 +71,9 @@ class Voxels:
     features: np.ndarray  # (P, max_points, C) float32, zero-padded
     num_points: np.ndarray  # (P,) int32
     coords: np.ndarray  # (P, 3) int32, (z, y, x)
+    # Non-empty voxels beyond max_voxels, and their in-range points, that mmcv drops.
+    dropped_voxels: int = 0
+    dropped_points: int = 0
 
     @property
     def num_voxels(self) -> int:
@@ -83,8 +86,10 @@ def voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
     Voxels are numbered in the order their first point appears; once
     ``max_voxels`` exist, points that would open a new voxel are dropped, while
     points of existing voxels are still added up to ``max_points`` each, in
-    input order. Float64 input is cast to float32 first, because the deployed
-    model was trained on float32 point tensors.
+    input order; ``dropped_voxels`` / ``dropped_points`` count what did not
+    fit, so callers can say so (mmcv drops it silently). Float64 input is
+    cast to float32 first, because the deployed model was trained on float32
+    point tensors.
     """
     points = _validated_points(points)
     cell, inside = _cell_indices(points, grid)
@@ -93,6 +98,7 @@ def voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
 
     voxel_of_point, first_point = _voxel_ids_by_first_appearance(cell, grid.grid_size)
     kept_voxel = voxel_of_point < grid.max_voxels
+    dropped_points = int(kept_voxel.size - np.count_nonzero(kept_voxel))
     point_idx, voxel_of_point = point_idx[kept_voxel], voxel_of_point[kept_voxel]
     num_voxels = min(len(first_point), grid.max_voxels)
 
@@ -104,7 +110,8 @@ def voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
     features[voxel_of_point, slot] = points[point_idx]
     num_points = np.bincount(voxel_of_point, minlength=num_voxels).astype(np.int32)
     coords = cell[first_point[:num_voxels]][:, ::-1].astype(np.int32)  # xyz -> zyx
-    return Voxels(features=features, num_points=num_points, coords=np.ascontiguousarray(coords))
+    return Voxels(features=features, num_points=num_points, coords=np.ascontiguousarray(coords),
+                  dropped_voxels=len(first_point) - num_voxels, dropped_points=dropped_points)
 
 
 def decorate(

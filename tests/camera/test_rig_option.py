@@ -79,4 +79,4 @@ def test_rig_images_of_another_size_say_which_scale_fits(tmp_path):
     result = CliRunner().invoke(main, ["convert", "-r", "bevformer_small", "--rig", str(_rig(tmp_path, "half", half)),
                                        "-o", str(tmp_path / "a"), "-q"])
     assert result.exit_code == 3, result.output
-    assert "800x450 images" in result.output and "image_scale to about 0.2" in result.output
+    assert "raw 450x800 images" in result.output and "or an image_scale from 0.1613" in result.output

@@ -102,7 +102,7 @@ def test_non_invertible_extrinsics_are_rejected(tmp_path):
     data["cameras"][2]["sensor2lidar_rotation"] = [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
     path = tmp_path / "rig.json"
     path.write_text(json.dumps(data))
-    with pytest.raises(RigError, match="CAM_BACK_RIGHT sensor2lidar_rotation is not a rotation"):
+    with pytest.raises(RigError, match="CAM_FRONT_LEFT sensor2lidar_rotation is not a rotation"):
         load_rig(path)
 
 

@@ -104,17 +104,15 @@ def test_written_rig_loads_and_projects_as_bevformer(rig, rig_file) -> None:
     assert SCENE in rig["description"]
 
 
-def test_rig_is_the_surround_rig_turned_into_lidar_top(rig) -> None:
-    """The generator mounts nuscenes_surround.json's cameras (frame x forward) on LIDAR_TOP
-    (x right): the rig read back is that one turned +90 degrees about z, up to the ego
-    motion between the LiDAR and camera timestamps (< 25 ms: 0.25 m, 0.3 degree)."""
+def test_rig_is_the_bundled_surround_rig(rig) -> None:
+    """The generator mounts nuscenes_surround.json's cameras (LIDAR_TOP frame) on LIDAR_TOP:
+    the rig read back is that one, in the same camera order, up to the ego motion between
+    the LiDAR and camera timestamps (< 25 ms: 0.25 m, 0.3 degree)."""
     surround = load_rig("nuscenes_surround")
-    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # surround frame -> LIDAR_TOP
-    by_name = {c.name: c for c in surround.cameras}
-    for cam in rig["cameras"]:
-        ref = by_name[cam["name"]]
-        np.testing.assert_allclose(cam["sensor2lidar_rotation"], turn @ ref.sensor2lidar_rotation, atol=6e-3)
-        np.testing.assert_allclose(cam["sensor2lidar_translation"], turn @ ref.sensor2lidar_translation, atol=0.25)
+    assert [c["name"] for c in rig["cameras"]] == surround.names
+    for cam, ref in zip(rig["cameras"], surround.cameras):
+        np.testing.assert_allclose(cam["sensor2lidar_rotation"], ref.sensor2lidar_rotation, atol=6e-3)
+        np.testing.assert_allclose(cam["sensor2lidar_translation"], ref.sensor2lidar_translation, atol=0.25)
         np.testing.assert_allclose(cam["cam_intrinsic"], ref.intrinsic, atol=1e-9)
 
 

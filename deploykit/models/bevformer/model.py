@@ -48,6 +48,10 @@ class BEVFormerConfig:
     image_size: tuple[int, int] = (480, 800)
     # Resize factor from the rig's raw images to the network input (lidar2img is scaled by it).
     image_scale: float = 0.5
+    # (top, left) rows and columns cut from the resized images before padding (the
+    # camera intrinsics shift with them): e.g. sky rows, to reach a network input the
+    # resize alone cannot (900x1600 x 0.6 = 540x960, less 28 rows = 512x960).
+    image_crop: tuple[int, int] = (0, 0)
     img_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     img_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     backbone: ResNetConfig = ResNetConfig()
@@ -176,29 +180,20 @@ def rig_projection(cfg: BEVFormerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     check_image_size(rig, cfg)
     ref_cam, mask = bev_visibility(rig, bev_h=cfg.bev_h, bev_w=cfg.bev_w, pc_range=cfg.pc_range,
                                    num_points_in_pillar=cfg.num_points_in_pillar, scale=cfg.image_scale,
-                                   img_shape=cfg.image_size)
+                                   img_shape=cfg.image_size, crop=cfg.image_crop)
     camera_coverage(rig, mask)  # refuses a camera that sees none of the grid
     return torch.from_numpy(np.ascontiguousarray(ref_cam))[:, None], torch.from_numpy(mask)[:, None]
 
 
-def scaled_image_size(raw: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(H, W) after BEVFormer's RandomScaleImageMultiViewImage (int() of size x scale) and
-    PadMultiViewImage (up to a multiple of 32)."""
-    h, w = (int(v * scale) for v in raw)
-    return -(-h // 32) * 32, -(-w // 32) * 32
-
-
 def check_image_size(rig, cfg: BEVFormerConfig) -> None:
-    from ...errors import RigError
+    """The rig's raw images must become the network's input through the recipe's resize and crop."""
+    from ...data.images import check_network_size
+    from ...errors import InputError, RigError
 
-    padded = scaled_image_size(rig.image_size, cfg.image_scale)
-    if padded != tuple(cfg.image_size):
-        h, w = rig.image_size
-        raise RigError(f"rig {rig.name} has {w}x{h} images: image_scale {cfg.image_scale} makes them "
-                       f"{int(w * cfg.image_scale)}x{int(h * cfg.image_scale)}, padded {padded[1]}x{padded[0]}, "
-                       f"but the model takes {cfg.image_size[1]}x{cfg.image_size[0]} (image_size); set [model] "
-                       f"image_scale to about {cfg.image_size[1] / w:.4g} or use a rig with the images the "
-                       "checkpoint was trained on")
+    try:
+        check_network_size(rig.image_size, cfg)
+    except InputError as exc:
+        raise RigError(f"rig {rig.name}: {exc}") from None
 
 
 class BEVFormer(nn.Module):
