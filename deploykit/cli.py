@@ -233,10 +233,19 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
         if key in result.fidelity:
             worst = worst_output(result.fidelity[key], targets)
             task = result.fidelity.get("task_map", {}).get(key)
+            nds = result.fidelity.get("task_nds", {}).get(key)
             click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
-                       f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}" if task else ""))
+                       f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}" if task else "")
+                       + (f", NDS {nds['NDS']:.4f}, mAP {nds['mAP']:.4f}" if nds else ""))
     if "task_map" in result.fidelity:
         click.echo(f"float: mAP {result.fidelity['task_map']['float']['mAP']:.4f}")
+    if "task_nds" in result.fidelity:
+        nds = result.fidelity["task_nds"]
+        click.echo(f"float: NDS {nds['float']['NDS']:.4f}, mAP {nds['float']['mAP']:.4f} "
+                   f"({nds['frames']} held-out frames of {nds['source']})")
+    on = result.fidelity["measured_on"]
+    if on["source"] != "synthetic":
+        click.echo(f"(SQNR on {len(on['frames'])} held-out frames of {on['source']})")
     every = [f["name"] for f in result.fidelity["int8"]]
     if len(targets) < len(every):
         click.echo(f"(worst of the recipe's target outputs: {len(targets)} of {len(every)}; "
@@ -248,22 +257,78 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
 @click.option("--recipe", "-r", required=True, help="Recipe name or path to a .toml.")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory; must not exist unless --overwrite.")
+@click.option("--from", "source", type=click.Path(exists=True, path_type=Path),
+              help="Your data: point-cloud files, a directory of camera frames or a nuScenes-layout dataset. "
+                   "Default: the recipe's synthetic sample generator.")
+@click.option("--scene", "scenes", multiple=True, help="nuScenes-layout --from: only this scene (repeatable).")
 @click.option("--samples", "-n", type=click.IntRange(1), default=16, show_default=True, help="Number of samples.")
 @click.option("--frames-per-scene", type=click.IntRange(1), default=4, show_default=True,
               help="Temporal models: consecutive frames per scene (the previous BEV is carried within a scene).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (warnings are still printed).")
 @handle_errors
-def calib(recipe, out, samples, frames_per_scene, overwrite):
-    """Build a calibration set from the recipe's synthetic sample generator.
+def calib(recipe, out, source, scenes, samples, frames_per_scene, overwrite, quiet):
+    """Build a calibration set from your data (--from) or the recipe's synthetic generator.
 
-    Writes OUT/calib.json and one .npz per sample, arrays named after the model's inputs.
+    Writes OUT/calib.json and one .npz per sample, arrays named after the model's
+    inputs. From your data, the frames are spread over it and each sample records
+    the frame it is, so `deploykit quantize` measures fidelity on other frames.
     """
-    from .quantize.calib_set import build_calib_set
-    from .recipe import load_recipe
+    from .quantize.calib_set import calib as run_calib
+    from .quantize.calib_set import load_calib_set
 
-    path = build_calib_set(load_recipe(recipe), out, samples=samples, frames_per_scene=frames_per_scene,
-                           overwrite=overwrite)
-    click.echo(f"wrote {path}/ : {samples} samples")
+    path = run_calib(recipe, out, source=source, samples=samples, frames_per_scene=frames_per_scene,
+                     scenes=list(scenes) or None, overwrite=overwrite, quiet=quiet)
+    made = load_calib_set(path)
+    origin = f" from {made.source['path']} ({made.source['kind']})" if made.source else " (synthetic)"
+    click.echo(f"wrote {path}/ : {len(made)} samples{origin}")
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--inputs", "-i", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A point-cloud file (.bin/.pcd.bin/.npy/.pcd), a directory of them, a directory of camera frames, "
+                   "or a nuScenes-layout dataset.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (default: MODEL_DIR-detect beside MODEL_DIR); must not exist unless --overwrite.")
+@click.option("--scene", "scenes", multiple=True, help="nuScenes-layout inputs: only this scene (repeatable).")
+@click.option("--model-file", help="Which ONNX file of MODEL_DIR to run (default: model.onnx of a convert directory; "
+                                   "model.qdq.onnx, else model.int8.qdq.onnx, of a quantize directory).")
+@click.option("--backend", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True)
+@click.option("--max-frames", type=click.IntRange(1), help="Stop after this many frames.")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Boxes the pictures and the per-class counts show (detections.json keeps all).")
+@click.option("--no-pictures", is_flag=True, help="Skip the BEV picture per frame.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (warnings are still printed).")
+@handle_errors
+def detect(model_dir, inputs, out, scenes, model_file, backend, max_frames, score_threshold, no_pictures, overwrite,
+           quiet):
+    """Run a converted or quantized model on your data: detections, BEV pictures, metrics.
+
+    \b
+    Writes OUT/detections.json (nuScenes submission format), bev/*.png (one top
+    view per frame), summary.json/.md and, where the data has annotations,
+    metrics.json/.md (nuScenes mAP, ATE, ASE, AOE, AVE, AAE and NDS).
+    """
+    from .detect import detect as run_detect
+
+    result = run_detect(model_dir, inputs, out, model_file=model_file, scenes=list(scenes) or None, backend=backend,
+                        max_frames=max_frames, score_threshold=score_threshold, pictures=not no_pictures,
+                        overwrite=overwrite, quiet=quiet)
+    s = result.summary
+    counts = ", ".join(f"{k} {v}" for k, v in s["boxes_per_class"].items()) or "none"
+    click.echo(f"{s['frames']} frames, {s['engine_ms']['mean']:.1f} ms per frame in {s['backend']}; boxes with score "
+               f">= {s['score_threshold']:g}: {counts}")
+    if result.metrics is not None:
+        m = result.metrics
+        tp = m["tp_errors"]
+        click.echo(f"NDS {m['NDS']:.4f}, mAP {m['mAP']:.4f}, " + ", ".join(f"{k} {_fmt(v)}" for k, v in tp.items()))
+    click.echo(f"wrote {result.out_dir}/")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 @main.command()

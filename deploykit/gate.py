@@ -258,6 +258,9 @@ def fidelity_summary(report: dict, model_name: str) -> dict | None:
     out = {"configuration": key, "worst_sqnr_db": worst["sqnr_db"], "worst_output": worst["name"]}
     if "task_map" in report and key in report["task_map"]:
         out["mAP"] = report["task_map"][key]["mAP"]
+    if "task_nds" in report and key in report["task_nds"]:  # the user's annotated data
+        out["mAP"] = report["task_nds"][key]["mAP"]
+        out["NDS"] = report["task_nds"][key]["NDS"]
     return out
 
 
@@ -285,9 +288,10 @@ def check_fidelity(base: dict | None, cand: dict | None, spec: GateSpec) -> list
         return []
     rows = [{"metric": "worst output SQNR (dB)", "baseline": base["worst_sqnr_db"],
              "candidate": cand["worst_sqnr_db"], "limit": base["worst_sqnr_db"] - spec.max_sqnr_drop_db}]
-    if "mAP" in base and "mAP" in cand:
-        rows.append({"metric": "mAP", "baseline": base["mAP"], "candidate": cand["mAP"],
-                     "limit": base["mAP"] - spec.max_map_drop})
+    for metric in ("mAP", "NDS"):  # NDS: the same limit as mAP
+        if metric in base and metric in cand:
+            rows.append({"metric": metric, "baseline": base[metric], "candidate": cand[metric],
+                         "limit": base[metric] - spec.max_map_drop})
     for r in rows:
         r["passed"] = bool(r["candidate"] >= r["limit"])
     return rows

@@ -43,3 +43,28 @@ def track(items, description: str, *, quiet: bool = False, total: int | None = N
     from rich.progress import track as rich_track
 
     return rich_track(items, total=total, description=description, console=_console, disable=quiet, transient=True)
+
+
+def grouped(messages: list[str]) -> list[str]:
+    """Distinct messages; those that differ only in the file path or token they name (the
+    same note on every frame of a dataset) become the first of them plus a count."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for m in messages:
+        groups.setdefault(re.sub(r"\S*/\S+|\b[0-9a-f]{32}\b|\b\d+\b", "#", m), []).append(m)
+    out = []
+    for items in groups.values():
+        distinct = list(dict.fromkeys(items))
+        more = len(distinct) - 1
+        out.append(distinct[0] + (f" (and {more} more like it)" if more else ""))
+    return out
+
+
+def print_warnings(messages: list[str], *, limit: int = 5, where: str = "the report") -> None:
+    """Warnings on stderr, grouped, at most ``limit``: never silenced by quiet."""
+    items = grouped(messages)
+    for w in items[:limit]:
+        _console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    if len(items) > limit:
+        _console.print(f"[yellow]warning:[/yellow] ... and {len(items) - limit} more ({where})", soft_wrap=True)

@@ -111,3 +111,21 @@ def bev_quantized_dir(tmp_path_factory, bev_recipe, bev_converted_dir):
     out = tmp_path_factory.mktemp("quantize") / "bevformer_small"
     quantize(bev_recipe, bev_converted_dir, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def nuscenes_dir(tmp_path_factory):
+    """A small nuScenes-layout dataset (2 scenes x 4 samples, LiDAR sweeps, six cameras,
+    annotations), written with the real table schema by deploykit's generator."""
+    from deploykit.data.synthetic_nuscenes import write_synthetic_nuscenes
+
+    return write_synthetic_nuscenes(tmp_path_factory.mktemp("nuscenes") / "nus", scenes=2, samples_per_scene=4,
+                                    seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_converted_dir(tmp_path_factory):
+    """The trained centerpoint_pillar_synth, converted."""
+    out = tmp_path_factory.mktemp("convert") / "synth"
+    convert("centerpoint_pillar_synth", out, quiet=True)
+    return out

@@ -12,7 +12,9 @@ sweeps_num sweeps, not a random draw):
   (sweep sensor -> sweep ego -> global -> current ego -> current LiDAR), and
   gets dt = current timestamp - sweep timestamp in seconds;
 * a frame without any earlier sweep repeats the current points sweeps_num
-  times, each with close points removed (pad_empty_sweeps).
+  times, each with close points removed (pad_empty_sweeps), unless its file
+  already carries a dt column with lags (a cloud aggregated elsewhere), which is
+  then taken as it is, as is any file for a single-sweep checkpoint.
 
 Sweeps with fewer than sweeps_num predecessors use the ones they have, as
 mmdet3d does. The current timestamp is ``frame.lidar``'s (nuScenes' sample
@@ -29,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from .contract import MAX_DT_S, check_frame, conform_sweep
+from .contract import MAX_DT_S, check_frame, conform_points, conform_sweep
 from .frames import SensorFrame, Sweep, invert_pose
 from .points import read_points
 
@@ -44,6 +46,13 @@ def aggregate_sweeps(frame: SensorFrame, cfg) -> tuple[np.ndarray, list[str]]:
     if frame.lidar is None:
         raise InputError(f"frame {frame.token} has no LiDAR sweep; the checkpoint needs SensorFrame.lidar")
     current = frame.lidar
+    if not frame.sweeps:
+        # A lone file is the whole input: its own dt column (a cloud aggregated elsewhere)
+        # is kept and checked, and a ring index where dt belongs is refused.
+        points, messages = conform_points(read_points(current.path, layout=current.layout), cfg)
+        dt = points[:, cfg.point_columns.index("dt")] if "dt" in cfg.point_columns else None
+        if cfg.points.sweeps == 1 or (dt is not None and dt.any()):
+            return points, messages
     points, messages = _read_sweep(current, cfg)
     parts = [points]
     sweeps_num = cfg.points.sweeps - 1

@@ -5,7 +5,7 @@ Boxes are ``deploykit.detection.decode.Boxes`` in deploykit's convention (LiDAR 
 ``deploykit.detection.submission.annotations_to_boxes`` first. The picture looks down on the LiDAR frame: x
 to the right, y up, metres; predictions are solid rotated rectangles with a heading tick from the centre to
 the front edge, ground truth dashed, one colour per class (legend outside the plot, only the classes drawn),
-points coloured by height, the ego (LiDAR origin) as a triangle pointing along +x.
+points coloured by height, the ego (LiDAR origin) as a triangle pointing where the vehicle faces.
 """
 
 from __future__ import annotations
@@ -66,13 +66,14 @@ def _check_labels(boxes: Boxes, class_names: Sequence[str], what: str) -> np.nda
 def bev_picture(path: str | os.PathLike, points: np.ndarray | None = None, boxes: Boxes | None = None,
                 gt: Boxes | None = None, *, point_cloud_range: Sequence[float], class_names: Sequence[str],
                 title: str | None = None, show_scores: bool = False, figsize: tuple[float, float] = (9.0, 8.0),
-                dpi: int = 100) -> dict:
+                dpi: int = 100, ego_heading: float = 0.0) -> dict:
     """Write the top view of one frame as a PNG of ``figsize * dpi`` pixels (atomically).
 
     ``points`` (N, >= 3) LiDAR-frame points inside ``point_cloud_range``, coloured by z over the range's height
     (drawn as an image of about one cell per pixel, the highest point of a cell on top); ``boxes`` predictions
     and ``gt`` ground truth, both ``Boxes`` whose labels index ``class_names``; ``show_scores`` writes each
-    prediction's score beside it; ``title`` e.g. the scene and frame. Returns the path, the pixel size
+    prediction's score beside it; ``title`` e.g. the scene and frame; ``ego_heading`` the vehicle's forward
+    direction in the LiDAR frame (radians from +x; nuScenes' LIDAR_TOP looks along +y: pi/2). Returns the path, the pixel size
     (W, H), the legend's labels and the plot area (left, top, right, bottom) in image pixels, where
     ``point_cloud_range``'s x and y span.
     """
@@ -134,9 +135,10 @@ def bev_picture(path: str | os.PathLike, points: np.ndarray | None = None, boxes
                 if r[0] <= x <= r[3] and r[1] <= y <= r[4]:
                     ax.text(x, y, f"{sc:.2f}", fontsize=6, color=col, zorder=4, clip_on=True)
 
-    # The ego: a 4.5 m triangle at the LiDAR origin pointing along +x.
-    ax.add_patch(Polygon([[2.5, 0.0], [-2.0, 1.4], [-2.0, -1.4]], closed=True, facecolor="black",
-                         edgecolor="black", zorder=5))
+    # The ego: a 4.5 m triangle at the LiDAR origin pointing where the vehicle faces.
+    c, s_ = np.cos(ego_heading), np.sin(ego_heading)
+    triangle = np.array([[2.5, 0.0], [-2.0, 1.4], [-2.0, -1.4]]) @ np.array([[c, s_], [-s_, c]])
+    ax.add_patch(Polygon(triangle, closed=True, facecolor="black", edgecolor="black", zorder=5))
 
     ax.set_xlim(r[0], r[3])
     ax.set_ylim(r[1], r[4])

@@ -25,8 +25,11 @@ class Architecture:
     make_sample: Callable[[Any, int, Any], Any]
     # (model, config, generator) -> None: architecture-specific stand-in weights
     synthetic_init: Callable[[Any, Any, torch.Generator], None]
-    # (config, outputs) -> deploykit.detection.decode.Boxes
+    # (config, outputs) -> deploykit.detection.decode.Boxes, the network's boxes before any NMS
     decode: Callable[[Any, dict], Any]
+    # (config, outputs) -> Boxes as the release reports them (CenterPoint: circle NMS per task;
+    # BEVFormer: NMS-free top-k): what `deploykit detect` writes and the metrics score
+    postprocess: Callable[[Any, dict], Any]
     # (recipe, model, seeds) -> [(Sample, ground-truth Boxes, points per box)], where the
     # synthetic data has ground truth (deploykit.detection.evaluate); None where not.
     labelled_scenes: Callable[[Any, Any, Any], list] | None = None
@@ -60,6 +63,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         make_sample=_pillar_sample,
         synthetic_init=_centerpoint_init,
         decode=decode.decode_centerpoint,
+        postprocess=evaluate.centerpoint_detections,
         labelled_scenes=evaluate.labelled_scenes,
         stages=(("pts_voxel_encoder", "pillar encoder"), ("pts_middle_encoder", "pillar scatter"),
                 ("pts_backbone", "backbone"), ("pts_neck", "neck"), ("pts_bbox_head", "heads")),
@@ -70,6 +74,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         make_sample=_camera_sample,
         synthetic_init=bevformer.synthetic.synthetic_init,
         decode=decode.decode_bevformer,
+        postprocess=decode.decode_bevformer,
         stages=(("img_backbone", "image backbone"), ("img_neck", "image neck"),
                 ("pts_bbox_head/encoder", "BEV encoder"), ("pts_bbox_head/decoder", "decoder"),
                 ("pts_bbox_head", "embeddings and heads")),

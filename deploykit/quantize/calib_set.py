@@ -47,6 +47,11 @@ class CalibSet:
     inputs: tuple[dict, ...]
     temporal: bool
     entries: tuple[dict, ...]
+    source: dict | None = None  # the user data the samples came from (None: synthetic)
+
+    def origin_tokens(self) -> set[str]:
+        """The source frames the samples are (user data only)."""
+        return {e["origin"]["token"] for e in self.entries if "origin" in e}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -84,8 +89,11 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> None:
 
 
 def write_calib_set(out: Path, recipe: str, samples: list[tuple[dict[str, np.ndarray], str, int]], *,
-                    temporal: bool, overwrite: bool = False) -> Path:
-    """Write ``samples`` = [(arrays, scene, index), ...] as a calibration set, atomically."""
+                    temporal: bool, overwrite: bool = False, source: dict | None = None,
+                    origins: list[dict] | None = None, warnings: list[str] | None = None) -> Path:
+    """Write ``samples`` = [(arrays, scene, index), ...] as a calibration set, atomically.
+    ``source`` describes the user data they came from, ``origins`` the frame each sample
+    is ({"scene", "index", "token"} of the source), so quantize can hold other frames out."""
     out = Path(out)
     if not samples:
         raise InputError("a calibration set needs at least one sample")
@@ -98,9 +106,11 @@ def write_calib_set(out: Path, recipe: str, samples: list[tuple[dict[str, np.nda
             name = f"{i:06d}.npz"
             _check_arrays(Path(name), arrays, inputs)
             np.savez(scratch / name, **arrays)
-            entries.append({"file": name, "scene": scene, "index": index})
+            entries.append({"file": name, "scene": scene, "index": index,
+                            **({"origin": origins[i]} if origins else {})})
         write_json(scratch / INDEX, {"format": FORMAT, "recipe": recipe, "inputs": inputs, "temporal": temporal,
-                                     "samples": entries})
+                                     "samples": entries, **({"source": source} if source else {}),
+                                     **({"warnings": warnings} if warnings else {})})
     return out
 
 
@@ -129,7 +139,7 @@ def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] 
     if inputs is not None:
         _check_spec(path, spec, inputs, bool(meta.get("temporal")))
     _check_order(path, entries)
-    return CalibSet(path, str(meta.get("recipe")), spec, bool(meta.get("temporal")), entries)
+    return CalibSet(path, str(meta.get("recipe")), spec, bool(meta.get("temporal")), entries, meta.get("source"))
 
 
 def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool) -> None:
@@ -183,3 +193,94 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
     model = apply_passes(build_model(recipe), recipe.convert.passes)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
     return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite)
+
+
+def calib(recipe, out: str | Path, *, source: str | Path | None = None, samples: int = 16, frames_per_scene: int = 4,
+          scenes: list[str] | None = None, overwrite: bool = False, quiet: bool = False) -> Path:
+    """A calibration set from the recipe's synthetic generator, or from the user's data
+    at ``source`` (point files, camera frames or a nuScenes-layout dataset; see
+    deploykit.data.sources): ``samples`` frames spread over the data, for temporal models
+    runs of ``frames_per_scene`` consecutive frames of a scene."""
+    from ..recipe import Recipe, load_recipe
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if source is None:
+        return build_calib_set(recipe, Path(out), samples=samples, frames_per_scene=frames_per_scene,
+                               overwrite=overwrite)
+    return build_calib_set_from_data(recipe, Path(out), source, samples=samples, frames_per_scene=frames_per_scene,
+                                     scenes=scenes, overwrite=overwrite, quiet=quiet)
+
+
+def pick_frames(frames: list, count: int, *, run: int = 1) -> list:
+    """``count`` frames spread evenly over ``frames``; with ``run`` > 1, runs of that many
+    consecutive frames of one scene (a run never crosses a scene), the runs spread evenly."""
+    runs, current = [], []
+    for f in frames:
+        if current and (f.scene != current[-1].scene or len(current) == run):
+            runs.append(current)
+            current = []
+        current.append(f)
+    if current:
+        runs.append(current)
+    wanted = min(len(runs), -(-count // run))
+    chosen = np.unique(np.linspace(0, len(runs) - 1, wanted).round().astype(int)) if wanted else []
+    return [f for i in chosen for f in runs[i]][:count]
+
+
+def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, samples: int = 16,
+                              frames_per_scene: int = 4, scenes: list[str] | None = None, overwrite: bool = False,
+                              quiet: bool = False) -> Path:
+    """Calibration samples from the user's frames, preprocessed as ``deploykit detect``
+    does, with the frame each one is recorded so quantize can measure on others."""
+    from ..camera.rig import load_rig
+    from ..data.images import image_looks_like_noise
+    from ..data.sources import camera_frame, camera_warnings, lidar_feeds, open_source
+    from ..models import build_model
+    from ..passes import apply_passes
+    from ..progress import grouped, print_warnings, track
+
+    if samples < 1:
+        raise InputError("--samples must be at least 1")
+    ensure_writable(Path(out), overwrite=overwrite)
+    source = open_source(source_path, recipe, scenes=scenes)
+    temporal = recipe.arch == "bevformer"
+    picked = pick_frames(source.frames, samples, run=frames_per_scene if temporal else 1)
+    warnings = camera_warnings(source) if temporal else []
+    if len(picked) < samples:
+        warnings.append(f"{source.path} has {len(source.frames)} frames, so the set has {len(picked)} samples, not "
+                        f"{samples}")
+    rows, origins, noisy = [], [], 0
+    if temporal:
+        rig = load_rig(recipe.model.rig)
+        for frame in track(picked, "reading camera frames", quiet=quiet, total=len(picked)):
+            f = camera_frame(frame, recipe.model, rig)
+            noisy += image_looks_like_noise(f.img[0, 0].transpose(1, 2, 0))
+            rows.append(({"img": f.img, "can_bus": f.can_bus}, frame.scene, frame.index))
+            origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
+        rows = _renumber_runs(rows)
+        if noisy * 2 >= len(rows):
+            warnings.append(f"{noisy} of {len(rows)} calibration frames look like noise, not camera images (adjacent "
+                            "pixels uncorrelated): ranges calibrated on them will not fit real images")
+    else:
+        # The engine's input layout depends on the passes, not on the weights.
+        layout = apply_passes(build_model(recipe), recipe.convert.passes).input_layout
+        for frame in track(picked, "voxelizing sweeps", quiet=quiet, total=len(picked)):
+            feeds, _, frame_warnings = lidar_feeds(frame, recipe.model, layout)
+            warnings += frame_warnings
+            rows.append((feeds, frame.token, 0))
+            origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
+    print_warnings(warnings, where=f"{out}/calib.json")
+    return write_calib_set(Path(out), recipe.name, rows, temporal=temporal, overwrite=overwrite,
+                           source=source.describe(), origins=origins, warnings=grouped(warnings))
+
+
+def _renumber_runs(rows: list) -> list:
+    """Each run of consecutive frames becomes its own calibration scene numbered 0, 1, ...:
+    the set's order rules (deploykit.temporal) need a scene's frames to start at 0."""
+    out, previous = [], None
+    for arrays, scene, index in rows:
+        if previous is None or previous[0] != scene or previous[1] != index - 1:
+            run, start = f"{scene}@{index}", index
+        out.append((arrays, run, index - start))
+        previous = (scene, index)
+    return out

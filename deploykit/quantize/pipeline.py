@@ -37,7 +37,7 @@ from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED, with_rig
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
-from ..progress import Steps, console, track
+from ..progress import Steps, console, print_warnings, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
 from .calib_set import CalibSet, build_calib_set, load_calib_set
@@ -45,6 +45,7 @@ from .fidelity import fidelity
 from .fold_bn import fold_batchnorms
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
 from .sensitivity import group_modules, raise_if_unmet, search_int16
+from .user_data import held_out, score_nds
 from .sensitivity import markdown as sensitivity_markdown
 from .sensitivity import plot as sensitivity_plot
 
@@ -123,14 +124,20 @@ def default_calib_set(recipe: Recipe) -> Path:
     return path
 
 
-def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False) -> list[str]:
-    """Calibrate every quantizer; returns the names of those that saw no data (not on the deployed path)."""
+def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False,
+              suspects: list[str] | None = None) -> list[str]:
+    """Calibrate every quantizer; returns the names of those that saw no data (not on the
+    deployed path). ``suspects`` collects the samples that cannot be real data (why, per file)."""
     from ..temporal.runner import Frame, SequenceRunner, TorchEngine
+    from .user_data import suspect_sample
 
     for q in quantizers(qmodel).values():
         q.start_calibration()
     runner = SequenceRunner(TorchEngine(qmodel), recipe.model) if calib.temporal else None
     for sample in track(calib, "calibrating", quiet=quiet, total=len(calib)):
+        why = suspect_sample(sample.arrays) if suspects is not None else None
+        if why:
+            suspects.append(f"{sample.file}: {why}")
         if runner is not None:
             runner.step(Frame(sample.arrays["img"], sample.arrays["can_bus"].astype(np.float64), sample.scene,
                               sample.index))
@@ -157,33 +164,52 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, eval_scenes=eval_scenes))
     out = Path(out)
     ensure_writable(out, overwrite=overwrite)
-    steps = Steps(5 + bool(int16_sensitive) + bool(recipe.quantize.eval_scenes), quiet=quiet)
-    if recipe.quantize.eval_scenes and ARCHITECTURES[recipe.arch].labelled_scenes is None:
+    calib_path = Path(calib) if calib else None
+    # User data (a set from `deploykit calib --from`) is scored on its own held-out frames,
+    # with its annotations; the recipe's synthetic eval_scenes apply to synthetic sets only.
+    user_source = load_calib_set(calib_path).source if calib_path is not None else None
+    synthetic_eval = 0 if user_source else recipe.quantize.eval_scenes
+    user_eval = bool(user_source and user_source.get("ground_truth") and eval_scenes != 0)
+    steps = Steps(5 + bool(int16_sensitive) + bool(synthetic_eval) + bool(user_source) + user_eval, quiet=quiet)
+    if synthetic_eval and ARCHITECTURES[recipe.arch].labelled_scenes is None:
         raise RecipeError(f"{recipe.name}: [quantize] eval_scenes needs ground truth, which the {recipe.arch} "
-                          "sample generator cannot label; set eval_scenes = 0")
+                          "sample generator cannot label; set eval_scenes = 0, or calibrate on annotated data "
+                          "(`deploykit calib --from NUSCENES_DIR`)")
     with steps.step(f"load converted {recipe.name} and the calibration set"):
         model, manifest = load_converted(recipe, Path(converted))
         check_rig(Path(converted), manifest, rig)
         target_outputs = _target_outputs(recipe, model)
-        calib_path = Path(calib) if calib else default_calib_set(recipe)
+        calib_path = calib_path or default_calib_set(recipe)
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
+        data = held_out(calib_set, converted_rig(recipe, Path(converted), manifest), manifest, Path(converted))
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
         folded, num_folded = fold_batchnorms(model)
         qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)
-        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet)
+        suspects: list[str] = []
+        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet, suspects=suspects)
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
     for w in warnings:  # never quiet: a pattern matching nothing changes what is quantized
         console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     lifted = sorted({n for names in matches.values() for n in names})
+    if data is not None:
+        with steps.step(f"read held-out frames of {data.source.path}"):
+            samples = data.samples(model)
+        measured_on = {"source": str(data.source.path), "kind": data.source.kind, "frames": [s.info for s in samples]}
+    else:
+        samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
+        measured_on = {"source": "synthetic", "seeds": [CHECK_SEED + i for i in range(recipe.check.samples)]}
     search = None
     if int16_sensitive:
         spec = recipe.quantize
         with steps.step(f"measure int16 sensitivity of {len(group_modules(active))} modules"):
             # Separate samples from the check ones, so the reported fidelity is not the one optimised.
-            chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
+            if data is not None:
+                chooser = data.samples(model, exclude={s.info["token"] for s in samples}) or samples
+            else:
+                chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
             search = search_int16(qmodel, active, chooser, [torch_outputs(model, s.feeds) for s in chooser],
                                   target_db=spec.target_sqnr_db, budget=spec.int16_budget,
                                   outputs=target_outputs, quiet=quiet)
@@ -191,12 +217,12 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
     configurations = [("int8", [])] + ([("int8_int16", lifted)] if lifted else [])
     with steps.step(f"measure fidelity: int8, int8 + {len(lifted)} int16 quantizers"):
-        samples = [make_sample(recipe, CHECK_SEED + i, model) for i in range(recipe.check.samples)]
         references = [torch_outputs(model, s.feeds) for s in samples]
         set_mode(qmodel, "quant", active)
         decode = ARCHITECTURES[recipe.arch].decode
         float_boxes = [decode(recipe.model, r) for r in references]
-        report, detection, fake = {"target_outputs": target_outputs or list(model.output_names)}, {}, {}
+        report, detection, fake = {"target_outputs": target_outputs or list(model.output_names),
+                                   "measured_on": measured_on}, {}, {}
         for key, names16 in configurations:
             set_bits(qmodel, lifted, 8)
             set_bits(qmodel, names16, 16)
@@ -204,13 +230,21 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
             report[key] = [f.to_dict() for f in fidelity(references, fake[key])]
             detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in fake[key]])
         report["detection_agreement"] = detection
-    if recipe.quantize.eval_scenes:
-        n = recipe.quantize.eval_scenes
-        with steps.step(f"score float and quantized models in mAP on {n} labelled scenes"):
+    if synthetic_eval:
+        with steps.step(f"score float and quantized models in mAP on {synthetic_eval} labelled scenes"):
             report["task_map"] = _task_map(recipe, model, qmodel, lifted, configurations)
+    if user_eval:
+        frames = data.eval_frames(eval_scenes)
+        with steps.step(f"score float and quantized models in nuScenes NDS on {len(frames)} held-out frames"):
+            report["task_nds"] = _task_nds(data, frames, model, qmodel, lifted, configurations, quiet)
+    extra = (data.warnings if data else []) + _suspect_warning(calib_set, suspects, report)
+    print_warnings(extra)
     with atomic_directory(out, overwrite=overwrite) as scratch:
         with steps.step("export QDQ ONNX and run it in ONNX Runtime"):
-            report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples, fake, scratch,
+            # An export check, not a fidelity figure: the first check samples are enough.
+            n = recipe.check.samples
+            report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples[:n],
+                                                                   {k: v[:n] for k, v in fake.items()}, scratch,
                                                                    recipe.convert.opset)
         with steps.step("write quantized state, fidelity report and manifest"):
             if search is not None:
@@ -229,15 +263,16 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
                 "converted": str(converted), "inputs": manifest["inputs"],
                 "converted_onnx_sha256": sha256_file(Path(converted) / "model.onnx"),
                 "calibration": {"path": str(calib_path), "samples": len(calib_set), "temporal": calib_set.temporal,
-                                "calibrator": recipe.quantize.calibrator},
+                                "calibrator": recipe.quantize.calibrator, "source": calib_set.source,
+                                "suspect_samples": suspects},
                 "int16": {"patterns": list(patterns), "matched": matches, "warnings": warnings,
                           "sensitivity": None if search is None else {"chosen": search.chosen,
                                                                       "file": "sensitivity.md"}},
                 "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
-                "batchnorms_folded": num_folded,
+                "batchnorms_folded": num_folded, "warnings": warnings + extra,
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})
-    return QuantizeResult(out, report, warnings)
+    return QuantizeResult(out, report, warnings + extra)
 
 
 def _target_outputs(recipe: Recipe, model) -> list[str] | None:
@@ -251,6 +286,38 @@ def _target_outputs(recipe: Recipe, model) -> list[str] | None:
             raise RecipeError(f"[quantize] target_outputs pattern '{p}' matches none of the outputs "
                               f"{', '.join(model.output_names)}")
     return [n for n in model.output_names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+
+def _task_nds(data, frames, model, qmodel, lifted: list[str], configurations, quiet: bool) -> dict:
+    """nuScenes metrics of the float model and each quantized configuration on the user's
+    held-out annotated frames (PyTorch: the fake-quant model is what the QDQ graphs compute)."""
+    from ..temporal.runner import TorchEngine
+
+    class _Configured(TorchEngine):
+        def __init__(self, names16):
+            super().__init__(qmodel)
+            self.names16 = names16
+
+        def run(self, feeds):
+            set_bits(qmodel, lifted, 8)
+            set_bits(qmodel, self.names16, 16)
+            return super().run(feeds)
+
+    engines = {"float": TorchEngine(model), **{key: _Configured(n16) for key, n16 in configurations}}
+    return score_nds(data, engines, frames, quiet=quiet)
+
+
+def _suspect_warning(calib_set: CalibSet, suspects: list[str], report: dict) -> list[str]:
+    """Calibration data that cannot be right is said, with what it did to the int8 model."""
+    if not suspects:
+        return []
+    from .fidelity import worst_output
+
+    worst = worst_output(report["int8"], report["target_outputs"])
+    return [f"calibration set {calib_set.path}: {len(suspects)} of {len(calib_set)} samples cannot be real data "
+            f"({suspects[0]}{', ...' if len(suspects) > 1 else ''}); the int8 model calibrated on them measures "
+            f"{worst['sqnr_db']:.1f} dB SQNR on {worst['name']}: calibrate on frames of your own data "
+            "(`deploykit calib --from`)"]
 
 
 def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations) -> dict:
@@ -325,6 +392,11 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
 
     lines = [f"# Quantization fidelity: {recipe}", "",
              "Fake-quant PyTorch model against the float model on the check samples (pooled).", ""]
+    on = report.get("measured_on")
+    if on and on.get("source") != "synthetic":
+        frames = ", ".join(f"{f['scene']}/{f['index']}" for f in on["frames"])
+        lines += [f"Measured on {len(on['frames'])} frames of {on['source']} that the calibration set does not hold: "
+                  f"{frames}.", ""]
     if "target_outputs" in report:
         lines += [f"The worst-output SQNR that the summary and `deploykit gate` quote counts the recipe's target "
                   f"outputs ([quantize] target_outputs): {', '.join(report['target_outputs'])}.", ""]
@@ -339,6 +411,8 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
                   markdown_table(["distance", "recall", "precision"], rows), ""]
     if "task_map" in report:
         lines += _task_map_markdown(report["task_map"])
+    if "task_nds" in report:
+        lines += _task_nds_markdown(report["task_nds"])
     for item in report.get("onnxruntime_vs_fake_quant", {}).values():
         lines += [f"## ONNX Runtime on {item['file']} (opset {item['opset']}) vs the fake-quant PyTorch model", "",
                   *([f"TensorRT edits: {item['changes']}; the int16 regions run in float here.", ""]
@@ -347,6 +421,26 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
                   "moves a value across a rounding boundary, and ONNX saturates int8 at -128 where the fake-quant "
                   "model clips at -127.", "", _fidelity_table(item["outputs"]), ""]
     return "\n".join(lines)
+
+
+def _task_nds_markdown(task: dict) -> list[str]:
+    from ..detection.nuscenes_eval import render_markdown
+    from ..report import markdown_table
+
+    keys = [k for k in ("float", "int8", "int8_int16") if k in task]
+    tp = list(task["float"]["tp_errors"])
+
+    def cell(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    rows = [[k.replace("_", " + "), cell(task[k]["NDS"]), cell(task[k]["mAP"]), *(cell(task[k]["tp_errors"][e])
+                                                                                for e in tp)] for k in keys]
+    lines = [f"## nuScenes metrics on {task['frames']} held-out frames ({len(task['scenes'])} scenes) of "
+             f"{task['source']}", "", f"Classes: {', '.join(task['classes'])}; the devkit's DetectionEval rules.", "",
+             markdown_table(["model", "NDS", "mAP", *tp], rows), ""]
+    for k in keys:
+        lines += [f"### {k.replace('_', ' + ')}", "", render_markdown(task[k]), ""]
+    return lines
 
 
 def _task_map_markdown(task: dict) -> list[str]:

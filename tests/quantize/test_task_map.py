@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deploykit.errors import RecipeError
-from deploykit.export import convert, load_model
+from deploykit.export import load_model
 from deploykit.quantize.pipeline import quantize
 from deploykit.recipe import REPO_ROOT, load_recipe
 
@@ -22,10 +22,8 @@ def synth_recipe():
 
 
 @pytest.fixture(scope="module")
-def synth_converted(synth_recipe, tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "conv"
-    convert(synth_recipe, out, quiet=True)
-    return out
+def synth_converted(synth_converted_dir):
+    return synth_converted_dir
 
 
 def test_committed_checkpoint_is_a_trained_release_layout_file(synth_recipe):
