@@ -235,10 +235,13 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
             task = result.fidelity.get("task_map", {}).get(key)
             nds = result.fidelity.get("task_nds", {}).get(key)
             click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
-                       f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}" if task else "")
+                       f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}, NDS {task['NDS']:.4f}, "
+                                                            f"mAOE {task['tp_errors']['mAOE']:.3f}" if task else "")
                        + (f", NDS {nds['NDS']:.4f}, mAP {nds['mAP']:.4f}" if nds else ""))
     if "task_map" in result.fidelity:
-        click.echo(f"float: mAP {result.fidelity['task_map']['float']['mAP']:.4f}")
+        f = result.fidelity["task_map"]["float"]
+        click.echo(f"float: mAP {f['mAP']:.4f}, NDS {f['NDS']:.4f}, mAOE {f['tp_errors']['mAOE']:.3f} "
+                   f"({result.fidelity['task_map']['scenes']} labelled synthetic scenes)")
     if "task_nds" in result.fidelity:
         nds = result.fidelity["task_nds"]
         click.echo(f"float: NDS {nds['float']['NDS']:.4f}, mAP {nds['float']['mAP']:.4f} "

@@ -447,9 +447,17 @@ def _task_map_markdown(task: dict) -> list[str]:
     from ..report import markdown_table
 
     classes = list(task["float"]["per_class"])
+    tp = list(task["float"].get("tp_errors", {}))
+
+    def cell(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
     rows = [[key.replace("_", " + "), f"{task[key]['mAP']:.4f}",
-             *(f"{task[key]['per_class'][c]['AP']:.4f}" for c in classes)]
+             *(f"{task[key]['per_class'][c]['AP']:.4f}" for c in classes),
+             *(cell(task[key].get("NDS")) for _ in ["NDS"] if tp), *(cell(task[key]["tp_errors"][e]) for e in tp)]
             for key in ("float", "int8", "int8_int16") if key in task]
     return [f"## Task mAP on {task['scenes']} held-out synthetic scenes", "",
             "nuScenes-style AP (centre distance 0.5/1/2/4 m, the recipe's NMS) against the scenes' ground truth.", "",
-            markdown_table(["model", "mAP", *(f"{c} AP" for c in classes)], rows), ""]
+            markdown_table(["model", "mAP", *(f"{c} AP" for c in classes), *(["NDS", *tp] if tp else [])], rows),
+            "", "NDS and the TP errors (translation, scale, orientation, velocity, attribute) come from the nuScenes "
+            "evaluation on the same boxes; the scenes are static, so AVE measures predicted speed.", ""]
