@@ -27,6 +27,11 @@ demo: $(STAMP)
 	$(VENV)/bin/deploykit convert --recipe $(DEMO) --out build/demo/$(DEMO) --overwrite
 	$(VENV)/bin/deploykit bench build/demo/$(DEMO)/model.onnx --warmup 3 --iterations 20 \
 		--json build/demo/$(DEMO)/bench.json
+	@echo "--- data in, detections out: the trained synthetic-LiDAR CenterPoint on a nuScenes-layout dataset"
+	$(VENV)/bin/deploykit sample-dataset --out build/demo/nuscenes --no-cameras --overwrite
+	$(VENV)/bin/deploykit convert --recipe centerpoint_pillar_synth --out build/demo/synth --overwrite -q
+	$(VENV)/bin/deploykit detect build/demo/synth --inputs build/demo/nuscenes --out build/demo/detect --overwrite
+	@echo "pictures: build/demo/detect/bev/*.png, metrics: build/demo/detect/metrics.md"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

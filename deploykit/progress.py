@@ -65,6 +65,9 @@ def print_warnings(messages: list[str], *, limit: int = 5, where: str = "the rep
     """Warnings on stderr, grouped, at most ``limit``: never silenced by quiet."""
     items = grouped(messages)
     for w in items[:limit]:
-        _console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+        if w.startswith("note: "):  # a conversion done as the release does it (deploykit.data.contract.NOTE)
+            _console.print(f"[dim]note:[/dim] {w[6:]}", soft_wrap=True)
+        else:
+            _console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     if len(items) > limit:
         _console.print(f"[yellow]warning:[/yellow] ... and {len(items) - limit} more ({where})", soft_wrap=True)

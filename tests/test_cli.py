@@ -122,3 +122,13 @@ def test_quantize_warns_on_an_override_that_matches_nothing(cli, tmp_path, conve
     assert result.exit_code == 0, result.output
     assert "matches no quantizer" in result.output and "pts_backbone.blocks.0.0.input_quantizer" in result.output
     assert "int8: worst output" in result.output
+
+
+def test_sample_dataset_writes_a_nuscenes_layout_directory(cli, tmp_path):
+    out = tmp_path / "nus"
+    result = cli.invoke(main, ["sample-dataset", "--out", str(out), "--scenes", "1", "--samples-per-scene", "2",
+                               "--no-cameras"])
+    assert result.exit_code == 0, result.output
+    assert (out / "v1.0-mini" / "sample.json").is_file() and list((out / "samples" / "LIDAR_TOP").glob("*.pcd.bin"))
+    again = cli.invoke(main, ["sample-dataset", "--out", str(out)])
+    assert again.exit_code == 5 and "exists" in again.output

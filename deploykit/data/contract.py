@@ -16,6 +16,9 @@ import numpy as np
 from ..errors import InputError
 from .points import PointFile, from_array
 
+# Marks what was converted as the release converts it (not a problem with the data):
+# printed as a note, not a warning.
+NOTE = "note: "
 # A value this far (fraction of the range) beyond an intensity range is another scale, not noise.
 RANGE_SLACK = 0.05
 # Longest plausible sweep lag: nuScenes' ten sweeps span ~0.45 s; beyond 2 s it is a unit error.
@@ -122,7 +125,7 @@ def _source_column(cloud: PointFile, name: str, keep_dt: bool, notes: list[str])
     if not keep_dt:
         return None
     if cloud.source_layout == "nuscenes":
-        notes.append(f"{cloud.name}: column 5 of a nuScenes-layout file is the ring index, not dt, so dt is 0 "
+        notes.append(f"{NOTE}{cloud.name}: column 5 of a nuScenes-layout file is the ring index, not dt, so dt is 0 "
                      "as mmdet3d's LoadPointsFromMultiSweeps sets it for the current sweep.")
     return _dt_column(cloud)
 
@@ -147,7 +150,7 @@ def _conform_intensity(values: np.ndarray, cloud: PointFile, cfg, notes: list[st
             )
         if (slo, shi) == (lo, hi):
             return values
-        notes.append(f"{cloud.name}: intensity rescaled from the {cloud.source_layout} layout's {slo:g}-{shi:g} "
+        notes.append(f"{NOTE}{cloud.name}: intensity rescaled from the {cloud.source_layout} layout's {slo:g}-{shi:g} "
                      f"to the checkpoint's {lo:g}-{hi:g}.")
         # Divide then multiply in float32 so 0-255 -> 0-1 is exactly value / 255.
         return ((values - np.float32(slo)) / np.float32(shi - slo) * np.float32(hi - lo) + np.float32(lo))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from .contract import MAX_DT_S, check_frame, conform_points, conform_sweep
+from .contract import MAX_DT_S, NOTE, check_frame, conform_points, conform_sweep
 from .frames import SensorFrame, Sweep, invert_pose
 from .points import read_points
 
@@ -123,16 +123,17 @@ def _sweep_dt(current: Sweep, sweep: Sweep) -> np.float32:
 
 def _merged(messages: list[str]) -> list[str]:
     """The same note for several sweep files said once, with a count."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], list[str]] = {}
     for msg in messages:
-        name, _, rest = msg.partition(": ")
-        groups.setdefault(rest if rest else msg, []).append(name)
+        note = NOTE if msg.startswith(NOTE) else ""
+        name, _, rest = msg.removeprefix(note).partition(": ")
+        groups.setdefault((note, rest if rest else msg), []).append(name)
     out = []
-    for rest, names in groups.items():
+    for (note, rest), names in groups.items():
         if len(names) == 1 or not rest:
-            out += [f"{name}: {rest}" if rest else name for name in names]
+            out += [f"{note}{name}: {rest}" if rest else name for name in names]
         else:
-            out.append(f"{names[0]} and {len(names) - 1} more sweep files: {rest}")
+            out.append(f"{note}{names[0]} and {len(names) - 1} more sweep files: {rest}")
     return out
 
 

@@ -187,5 +187,5 @@ def test_kitti_sweeps_are_rescaled_and_said_once(nus, tmp_path):
     ours, warnings = aggregate_sweeps(frame, nus)
     assert ours.shape[1] == 5 and 200 < ours[:, 3].max() <= 255
     rescaled = [w for w in warnings if "intensity rescaled from the kitti layout's 0-1" in w]
-    assert rescaled == [f"{sweeps[0].path} and 3 more sweep files: intensity rescaled from the kitti layout's 0-1 "
+    assert rescaled == [f"note: {sweeps[0].path} and 3 more sweep files: intensity rescaled from the kitti layout's 0-1 "
                         "to the checkpoint's 0-255."]
