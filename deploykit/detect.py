@@ -28,7 +28,7 @@ import numpy as np
 from .api import callable_module
 from .errors import InputError
 from .progress import grouped, print_warnings, track
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe
 
 QUANTIZED_FILES = ("model.qdq.onnx", "model.int8.qdq.onnx")  # ONNX Runtime: int8 + int16 if written, else int8
 TENSORRT_FILE = "model.trt.qdq.onnx"
@@ -46,14 +46,15 @@ class ModelDir:
 
     @property
     def layout(self) -> str:
-        return next((i.get("layout") for i in self.manifest["inputs"] if i["name"] == "pillars"), None) or "PNC"
+        from .export import input_layout
+
+        return input_layout(self.manifest)
 
     @property
     def rig(self):
         from .camera.rig import load_rig
 
-        rig = self.manifest.get("rig")
-        return load_rig(self.converted / rig["file"] if rig else self.recipe.model.rig)
+        return load_rig(self.recipe.model.rig)  # the converted directory's copy (recipe_of_converted)
 
 
 def open_model_dir(path: str | Path, *, model_file: str | None = None, backend: str = "ort") -> ModelDir:
@@ -74,13 +75,9 @@ def open_model_dir(path: str | Path, *, model_file: str | None = None, backend: 
     if not onnx.is_file():
         raise InputError(f"{onnx} does not exist; pick one of {', '.join(p.name for p in path.glob('*.onnx'))} "
                          "with --model-file")
-    named = conv_manifest.get("recipe") or {}
-    recipe_path = named.get("path")
-    recipe = load_recipe(recipe_path if recipe_path and Path(recipe_path).is_file() else named.get("name"))
-    if conv_manifest.get("rig"):
-        from .export import with_rig
+    from .export import recipe_of_converted
 
-        recipe = with_rig(recipe, converted / conv_manifest["rig"]["file"])
+    recipe = recipe_of_converted(converted)
     return ModelDir(path, onnx, recipe, converted, conv_manifest)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -36,7 +37,7 @@ from .artifacts import atomic_directory, ensure_writable, save_safetensors, sha2
 from .camera.virtual_bev import coverage_warnings
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
-from .errors import CheckFailedError, ExportError, RecipeError
+from .errors import CheckFailedError, ExportError, InputError, RecipeError
 from .models import build_model, make_sample
 from .passes import apply_passes
 from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
@@ -146,6 +147,35 @@ def with_rig(recipe: Recipe, rig: str | Path | None) -> Recipe:
     from .camera.rig import rig_path
 
     return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, rig=str(rig_path(rig).resolve())))
+
+
+def converted_rig(recipe: Recipe, converted: Path, manifest: dict) -> Recipe:
+    """The recipe with the camera rig the model was converted with (its copy in the
+    converted directory): the rig is a constant of the model, fixed at convert."""
+    rig = manifest.get("rig")
+    if not rig:
+        return recipe
+    return with_rig(recipe, Path(converted) / rig["file"])
+
+
+def recipe_of_converted(converted: str | Path) -> Recipe:
+    """The recipe a ``deploykit convert`` directory was made with, from its manifest (its
+    file when it still exists, else the bundled recipe of that name), with the rig the
+    model was converted with."""
+    path = Path(converted) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{converted} is not a `deploykit convert` output (no manifest.json); pass --recipe too")
+    manifest = json.loads(path.read_text())
+    named = manifest.get("recipe") or {}
+    if not isinstance(named, dict) or not named.get("name"):
+        raise InputError(f"{path} names no recipe; pass --recipe")
+    recipe = load_recipe(named["path"] if named.get("path") and Path(named["path"]).is_file() else named["name"])
+    return converted_rig(recipe, Path(converted), manifest)
+
+
+def input_layout(manifest: dict) -> str:
+    """The pillar tensor layout a converted model takes ("PNC" for models without one)."""
+    return next((i.get("layout") for i in manifest["inputs"] if i["name"] == "pillars"), None) or "PNC"
 
 
 def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | None = None,

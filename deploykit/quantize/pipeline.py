@@ -34,7 +34,7 @@ from ..artifacts import atomic_directory, ensure_writable, save_safetensors, sha
 from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
 from ..errors import InputError, RecipeError
-from ..export import CHECK_SEED, with_rig
+from ..export import CHECK_SEED, converted_rig, recipe_of_converted
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, console, print_warnings, track
@@ -79,15 +79,6 @@ def load_converted(recipe: Recipe, converted: Path) -> tuple[torch.nn.Module, di
     return model, manifest
 
 
-def converted_rig(recipe: Recipe, converted: Path, manifest: dict) -> Recipe:
-    """The recipe with the camera rig the model was converted with (its copy in the
-    converted directory): the rig is a constant of the model, fixed at convert."""
-    rig = manifest.get("rig")
-    if not rig:
-        return recipe
-    return with_rig(recipe, Path(converted) / rig["file"])
-
-
 def check_rig(converted: Path, manifest: dict, rig: str | Path | None) -> None:
     """``--rig`` on quantize must be the rig the model was converted with."""
     if rig is None:
@@ -99,20 +90,6 @@ def check_rig(converted: Path, manifest: dict, rig: str | Path | None) -> None:
     if sha256_file(rig_path(rig)) != manifest["rig"]["sha256"]:
         raise InputError(f"--rig {rig} is not the rig {converted} was converted with ({manifest['rig']['source']}): "
                          "the rig is built into the model; convert again with `deploykit convert --rig`")
-
-
-def recipe_of_converted(converted: str | Path) -> Recipe:
-    """The recipe a ``deploykit convert`` directory was made with, from its manifest:
-    its file when it still exists, else the bundled recipe of that name."""
-    path = Path(converted) / "manifest.json"
-    if not path.is_file():
-        raise InputError(f"{converted} is not a `deploykit convert` output (no manifest.json); pass --recipe too")
-    named = json.loads(path.read_text()).get("recipe") or {}
-    if not isinstance(named, dict) or not named.get("name"):
-        raise InputError(f"{path} names no recipe; pass --recipe")
-    if named.get("path") and Path(named["path"]).is_file():
-        return load_recipe(named["path"])
-    return load_recipe(named["name"])
 
 
 def default_calib_set(recipe: Recipe) -> Path:
@@ -182,7 +159,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         calib_path = calib_path or default_calib_set(recipe)
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
-        data = held_out(calib_set, converted_rig(recipe, Path(converted), manifest), manifest, Path(converted))
+        data = held_out(calib_set, converted_rig(recipe, Path(converted), manifest), manifest)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
         folded, num_folded = fold_batchnorms(model)
         qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)

@@ -69,12 +69,13 @@ def _info(frame) -> dict:
     return {"scene": frame.scene, "index": frame.index, "token": frame.token}
 
 
-def held_out(calib_set, recipe, manifest: dict, converted: Path) -> HeldOut | None:
+def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
     """The frames of the calibration set's source that it does not hold; None for a synthetic set."""
     if calib_set.source is None:
         return None
     from ..camera.rig import load_rig
     from ..data.sources import open_source
+    from ..export import input_layout
 
     path = Path(calib_set.source["path"])
     if not path.exists():
@@ -88,11 +89,9 @@ def held_out(calib_set, recipe, manifest: dict, converted: Path) -> HeldOut | No
         warnings.append(f"every frame of {path} is in the calibration set, so fidelity is measured on calibration "
                         "frames; hold some out (calib -n fewer) to measure on unseen data")
         frames = source.frames
-    layout = next((i.get("layout") for i in manifest["inputs"] if i["name"] == "pillars"), None) or "PNC"
-    rig = None
-    if recipe.arch == "bevformer":
-        rig = load_rig(Path(converted) / manifest["rig"]["file"] if manifest.get("rig") else recipe.model.rig)
-    return HeldOut(recipe, source, frames, layout, rig, warnings)
+    # ``recipe`` carries the converted model's rig (deploykit.export.converted_rig).
+    rig = load_rig(recipe.model.rig) if recipe.arch == "bevformer" else None
+    return HeldOut(recipe, source, frames, input_layout(manifest), rig, warnings)
 
 
 def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False) -> dict:
