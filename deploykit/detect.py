@@ -28,6 +28,7 @@ import numpy as np
 from .api import callable_module
 from .errors import InputError
 from .progress import grouped, print_warnings, track
+from .detection.submission import evaluation_classes
 from .recipe import Recipe
 
 QUANTIZED_FILES = ("model.qdq.onnx", "model.int8.qdq.onnx")  # ONNX Runtime: int8 + int16 if written, else int8
@@ -92,7 +93,7 @@ def _read_manifest(converted: Path, quantized: Path) -> dict:
 @dataclass
 class Prediction:
     boxes: object  # deploykit.detection.decode.Boxes, LiDAR frame
-    points: np.ndarray | None  # what the model saw (pillar models) or the frame's LiDAR sweep, for pictures
+    points: np.ndarray | None  # what a pillar model saw; None for camera models
     warnings: list[str]
     engine_seconds: float
     preprocess_seconds: float
@@ -127,7 +128,7 @@ class Predictor:
             prep = time.perf_counter() - start
             outputs = runner.step(f)
             engine_s = runner.engine.last_seconds
-            points, warnings = _frame_points(frame), []
+            points, warnings = None, []  # a picture reads the frame's sweep itself (frame_points)
         else:
             feeds, points, warnings = lidar_feeds(frame, cfg, self.layout)
             prep = time.perf_counter() - start
@@ -148,22 +149,13 @@ class _Timed:
         return out
 
 
-def _frame_points(frame) -> np.ndarray | None:
+def frame_points(frame) -> np.ndarray | None:
     """A camera frame's LiDAR sweep where the dataset has one, to draw under the boxes."""
     if frame.lidar is None or not frame.lidar.path.is_file():
         return None
     from .data.points import read_points
 
     return read_points(frame.lidar.path, layout=frame.lidar.layout).points
-
-
-def evaluation_classes(model_cfg) -> list[str]:
-    """The nuScenes detection classes the model predicts, in its label order."""
-    from .data.nuscenes import DETECTION_NAME
-    from .detection.submission import nuscenes_class_names
-
-    known = set(DETECTION_NAME.values())
-    return list(dict.fromkeys(n for n in nuscenes_class_names(model_cfg) if n in known))
 
 
 def predict_frames(recipe: Recipe, engine, frames, *, layout: str = "PNC", rig=None, description: str = "detecting",
@@ -221,7 +213,8 @@ def detect(model_dir: str | Path, inputs: str | Path, out: str | Path | None = N
             for label in shown.labels:
                 stats["boxes"][names[int(label)]] = stats["boxes"].get(names[int(label)], 0) + 1
             if pictures:
-                _picture(scratch, md.recipe, frame, pred.points, shown, names, gt_names)
+                points = pred.points if pred.points is not None else frame_points(frame)
+                _picture(scratch, md.recipe, frame, points, shown, names)
 
         results = predict_frames(md.recipe, engine, frames, layout=md.layout, rig=rig, quiet=quiet,
                                  on_frame=on_frame)
@@ -255,7 +248,7 @@ def _engine(onnx: Path, backend: str):
     return ort_engine.build(onnx)
 
 
-def _picture(scratch: Path, recipe: Recipe, frame, points, shown, names, gt_names) -> None:
+def _picture(scratch: Path, recipe: Recipe, frame, points, shown, names) -> None:
     from .detection.bev_picture import bev_picture
     from .detection.submission import annotations_to_boxes
 

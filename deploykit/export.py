@@ -41,7 +41,7 @@ from .errors import CheckFailedError, ExportError, InputError, RecipeError
 from .models import build_model, make_sample
 from .passes import apply_passes
 from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
-from .progress import Steps, console
+from .progress import Steps, console, print_warnings
 from .recipe import Recipe, load_recipe
 from .samples import Sample, torch_outputs
 from .synthetic_checkpoint import default_checkpoint
@@ -196,8 +196,7 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
     with steps.step(f"load {recipe.name} checkpoint"):
         original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
     coverage = original.rig_coverage() if hasattr(original, "rig_coverage") else None
-    for w in coverage_warnings(coverage or {}):
-        console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    print_warnings(coverage_warnings(coverage or {}))
     if ckpt_meta.get("synthetic"):
         # Printed even with quiet: numbers measured on stand-in weights must never pass for a real model's.
         console().print(f"[yellow]note:[/yellow] {recipe.name} runs on deterministic synthetic weights "

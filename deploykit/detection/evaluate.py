@@ -93,7 +93,7 @@ def nuscenes_metrics(cfg, ground_truth: list[tuple[Boxes, np.ndarray]], predicti
     ((Boxes, points per box) per scene; static objects, the sensor at the origin)."""
     from ..data.frames import Annotation, yaw_quaternion
     from .nuscenes_eval import evaluate_nuscenes
-    from .submission import boxes_to_nuscenes, nuscenes_class_names
+    from .submission import boxes_to_nuscenes, evaluation_classes, nuscenes_class_names
 
     names = nuscenes_class_names(cfg)
     eye = np.eye(4)
@@ -106,6 +106,4 @@ def nuscenes_metrics(cfg, ground_truth: list[tuple[Boxes, np.ndarray]], predicti
                      for k in range(len(boxes))]
         preds[token] = boxes_to_nuscenes(pred, names, token, eye, eye)
         ego[token] = np.zeros(3)
-    from ..detect import evaluation_classes
-
     return evaluate_nuscenes(gt, preds, ego, class_names=evaluation_classes(cfg))

@@ -73,6 +73,14 @@ def nuscenes_class_names(model_cfg) -> list[str]:
     return list(model_cfg.class_names)
 
 
+def evaluation_classes(model_cfg) -> list[str]:
+    """The nuScenes detection classes the model predicts, in its label order."""
+    from ..data.nuscenes import DETECTION_NAME
+
+    known = set(DETECTION_NAME.values())
+    return list(dict.fromkeys(n for n in nuscenes_class_names(model_cfg) if n in known))
+
+
 def matrix_quaternion(m: np.ndarray) -> np.ndarray:
     """(w, x, y, z) of the rotation of a 3x3 or 4x4 matrix with ``pyquaternion.Quaternion(matrix=...)``'s
     choice of sign (its trace method: the component it solves for from the diagonal is positive)."""

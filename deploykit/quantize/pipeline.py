@@ -37,7 +37,7 @@ from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED, converted_rig, recipe_of_converted
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
-from ..progress import Steps, console, print_warnings, track
+from ..progress import Steps, print_warnings, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
 from .calib_set import CalibSet, build_calib_set, load_calib_set
@@ -155,11 +155,12 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
     with steps.step(f"load converted {recipe.name} and the calibration set"):
         model, manifest = load_converted(recipe, Path(converted))
         check_rig(Path(converted), manifest, rig)
+        recipe = converted_rig(recipe, Path(converted), manifest)  # as load_converted built the model
         target_outputs = _target_outputs(recipe, model)
         calib_path = calib_path or default_calib_set(recipe)
         inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
-        data = held_out(calib_set, converted_rig(recipe, Path(converted), manifest), manifest)
+        data = held_out(calib_set, recipe, manifest)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
         folded, num_folded = fold_batchnorms(model)
         qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)
@@ -168,8 +169,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
-    for w in warnings:  # never quiet: a pattern matching nothing changes what is quantized
-        console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    print_warnings(warnings)  # never quiet: a pattern matching nothing changes what is quantized
     lifted = sorted({n for names in matches.values() for n in names})
     if data is not None:
         with steps.step(f"read held-out frames of {data.source.path}"):

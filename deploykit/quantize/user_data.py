@@ -96,7 +96,8 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
 
 def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False) -> dict:
     """nuScenes metrics of each engine (name -> anything with ``run``) on ``frames``."""
-    from ..detect import evaluation_classes, predict_frames
+    from ..detect import predict_frames
+    from ..detection.submission import evaluation_classes
     from ..detection.nuscenes_eval import evaluate_frames
 
     classes = evaluation_classes(data.recipe.model)
