@@ -24,6 +24,8 @@ from .errors import CheckpointError
 # Key prefixes of public release layouts, to name the model a checkpoint
 # belongs to when it does not fit the recipe.
 KNOWN_LAYOUTS: dict[str, tuple[str, ...]] = {
+    # Before BEVFormer's: a fused checkpoint holds BEVFormer's keys too.
+    "deploykit BEVFusion (camera + LiDAR streams, fusion_module, det_head, occ_head)": ("fusion_module.",),
     "BEVFormer (img_backbone + pts_bbox_head.transformer)": ("pts_bbox_head.transformer.",),
     "BEVFusion, MIT layout (encoders/fuser/decoder/heads)": ("encoders.camera.", "encoders.lidar."),
     "BEVDepth / LSS (img_view_transformer)": ("img_view_transformer.",),

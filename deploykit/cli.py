@@ -45,9 +45,10 @@ def main() -> None:
 
 @main.command()
 @click.option("--recipe", "-r", required=True, help="Recipe name (see `deploykit recipes`) or path to a .toml.")
-@click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path),
-              help="PyTorch (.pth, mmdet3d/mmcv or raw state dict) or .safetensors checkpoint. "
-                   "Default: the recipe's bundled checkpoint.")
+@click.option("--checkpoint", "-c", "checkpoints", multiple=True,
+              help="PyTorch (.pth, mmdet3d/mmcv or raw state dict) or .safetensors checkpoint. Default: the "
+                   "recipe's bundled checkpoint. A fused model can be assembled from its parts instead: "
+                   "camera=BEVFORMER.pth lidar=CENTERPOINT.pth [fused=HEADS.pth] (repeat the option).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output directory; must not exist unless --overwrite.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
@@ -63,13 +64,15 @@ def main() -> None:
                    "instead of the recipe's.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def convert(recipe, checkpoint, out, overwrite, passes, no_passes, custom_ops, standard_ops, rig, quiet):
+def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, standard_ops, rig, quiet):
     """Rewrite, export to static ONNX and check against PyTorch.
 
     Writes OUT/model.onnx, weights.safetensors, inputs.npz, check.json and manifest.json.
     """
+    from .assemble import parse_parts
     from .export import convert as run_convert
 
+    checkpoint = parse_parts(checkpoints)
     if passes and no_passes:
         raise click.UsageError("--passes and --no-passes exclude each other")
     chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)

@@ -52,10 +52,20 @@ class ModelDir:
         return input_layout(self.manifest)
 
     @property
+    def scale(self):
+        """The pillar input's per-channel divisor (normalise_points), or None."""
+        from .export import input_scale
+
+        return input_scale(self.manifest)
+
+    @property
     def rig(self):
         from .camera.rig import load_rig
 
-        return load_rig(self.recipe.model.rig)  # the converted directory's copy (recipe_of_converted)
+        from .models import camera_config
+
+        # the converted directory's copy (recipe_of_converted)
+        return load_rig(camera_config(self.recipe.model).rig)
 
 
 def open_model_dir(path: str | Path, *, model_file: str | None = None, backend: str = "ort") -> ModelDir:
@@ -104,33 +114,33 @@ class Predictor:
     carrying BEVFormer's temporal state within a scene and starting cold at a new
     scene or after a gap."""
 
-    def __init__(self, recipe: Recipe, engine, *, layout: str = "PNC", rig=None):
-        from .models import ARCHITECTURES
+    def __init__(self, recipe: Recipe, engine, *, layout: str = "PNC", scale=None, rig=None):
+        from .models import ARCHITECTURES, camera_config
 
-        self.recipe, self.engine, self.layout, self.rig = recipe, engine, layout, rig
+        self.recipe, self.engine, self.layout, self.scale, self.rig = recipe, engine, layout, scale, rig
         self.postprocess = ARCHITECTURES[recipe.arch].postprocess
-        self.camera = recipe.arch == "bevformer"
+        self.camera = camera_config(recipe.model) is not None
         if self.camera:
             from .temporal.runner import SequenceRunner
 
-            self.runner = SequenceRunner(_Timed(engine), recipe.model)
+            self.runner = SequenceRunner(_Timed(engine), camera_config(recipe.model))
 
     def __call__(self, frame) -> Prediction:
-        from .data.sources import camera_frame, lidar_feeds
+        from .data.sources import lidar_feeds, runner_frame
 
         start = time.perf_counter()
         cfg = self.recipe.model
         if self.camera:
-            f = camera_frame(frame, cfg, self.rig)
+            f, points, warnings = runner_frame(frame, cfg, self.rig, self.layout, self.scale)
             runner = self.runner
             if runner.scene == f.scene and runner.index is not None and f.index != runner.index + 1:
                 runner.reset()  # a gap: BEVFormer would have no previous BEV either
             prep = time.perf_counter() - start
             outputs = runner.step(f)
             engine_s = runner.engine.last_seconds
-            points, warnings = None, []  # a picture reads the frame's sweep itself (frame_points)
+            # A camera-only model's picture reads the frame's sweep itself (frame_points).
         else:
-            feeds, points, warnings = lidar_feeds(frame, cfg, self.layout)
+            feeds, points, warnings = lidar_feeds(frame, cfg, self.layout, self.scale)
             prep = time.perf_counter() - start
             t0 = time.perf_counter()
             outputs = self.engine.run(feeds)
@@ -158,13 +168,13 @@ def frame_points(frame) -> np.ndarray | None:
     return read_points(frame.lidar.path, layout=frame.lidar.layout).points
 
 
-def predict_frames(recipe: Recipe, engine, frames, *, layout: str = "PNC", rig=None, description: str = "detecting",
-                   quiet: bool = False, on_frame=None) -> dict[str, list[dict]]:
+def predict_frames(recipe: Recipe, engine, frames, *, layout: str = "PNC", scale=None, rig=None,
+                   description: str = "detecting", quiet: bool = False, on_frame=None) -> dict[str, list[dict]]:
     """Submission boxes per frame token for ``frames`` in order; ``on_frame(frame, prediction)`` sees each."""
     from .detection.submission import boxes_to_nuscenes, nuscenes_class_names
 
     names = nuscenes_class_names(recipe.model)
-    predictor = Predictor(recipe, engine, layout=layout, rig=rig)
+    predictor = Predictor(recipe, engine, layout=layout, scale=scale, rig=rig)
     results = {}
     for frame in track(frames, description, quiet=quiet, total=len(frames)):
         pred = predictor(frame)
@@ -200,9 +210,12 @@ def detect(model_dir: str | Path, inputs: str | Path, out: str | Path | None = N
     frames = source.frames[:max_frames] if max_frames else source.frames
     engine = _engine(md.onnx, backend)
     names = nuscenes_class_names(md.recipe.model)
-    warnings: list[str] = camera_warnings(source) if md.recipe.arch == "bevformer" else []
+    from .models import camera_config, lidar_config
+
+    camera, lidar = camera_config(md.recipe.model) is not None, lidar_config(md.recipe.model) is not None
+    warnings: list[str] = camera_warnings(source) if camera else []
     stats = {"engine_ms": [], "preprocess_ms": [], "boxes": {}}
-    rig = md.rig if md.recipe.arch == "bevformer" else None
+    rig = md.rig if camera else None
     gt_names = evaluation_classes(md.recipe.model)
     with atomic_directory(out, overwrite=overwrite) as scratch:
         def on_frame(frame, pred):
@@ -216,11 +229,10 @@ def detect(model_dir: str | Path, inputs: str | Path, out: str | Path | None = N
                 points = pred.points if pred.points is not None else frame_points(frame)
                 _picture(scratch, md.recipe, frame, points, shown, names)
 
-        results = predict_frames(md.recipe, engine, frames, layout=md.layout, rig=rig, quiet=quiet,
+        results = predict_frames(md.recipe, engine, frames, layout=md.layout, scale=md.scale, rig=rig, quiet=quiet,
                                  on_frame=on_frame)
-        camera = md.recipe.arch == "bevformer"
         write_submission(scratch / "detections.json", results,
-                         {"use_camera": camera, "use_lidar": not camera, "use_radar": False, "use_map": False,
+                         {"use_camera": camera, "use_lidar": lidar, "use_radar": False, "use_map": False,
                           "use_external": False})
         metrics = None
         if all(f.annotations is not None for f in frames):
@@ -264,8 +276,10 @@ def _picture(scratch: Path, recipe: Recipe, frame, points, shown, names) -> None
 
 
 def _bev_range(recipe: Recipe):
-    cfg = recipe.model
-    return tuple(cfg.voxelization.point_cloud_range) if hasattr(cfg, "voxelization") else tuple(cfg.pc_range)
+    from .models import camera_config, lidar_config
+
+    lidar = lidar_config(recipe.model)
+    return tuple(lidar.voxelization.point_cloud_range) if lidar else tuple(camera_config(recipe.model).pc_range)
 
 
 def _summary(md: ModelDir, source, frames, stats, metrics, warnings, threshold, backend) -> dict:

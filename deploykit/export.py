@@ -38,7 +38,7 @@ from .camera.virtual_bev import coverage_warnings
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
 from .errors import CheckFailedError, ExportError, InputError, RecipeError
-from .models import build_model, make_sample
+from .models import build_model, camera_config, make_sample
 from .passes import apply_passes
 from .passes.sca_virtual_bev import coverage as virtual_bev_coverage
 from .progress import Steps, console, print_warnings
@@ -57,12 +57,39 @@ class ConvertResult:
     check: dict[str, Any]
 
 
-def load_model(recipe: Recipe, checkpoint: str | Path | None) -> tuple[torch.nn.Module, Path, dict]:
+def load_model(recipe: Recipe, checkpoint: str | Path | dict | None) -> tuple[torch.nn.Module, Path, dict]:
+    """The recipe's model with ``checkpoint``'s weights: one file, or for a fused model a
+    {part: file} dict (deploykit.assemble). Returns (model, the file, its meta); for parts,
+    the first part's file and meta {"parts": {part: {path, sha256}}, "assembly": [lines]}."""
+    model = build_model(recipe)
+    if isinstance(checkpoint, dict):
+        return _assemble(recipe, model, checkpoint)
     path = Path(checkpoint) if checkpoint else default_checkpoint(recipe)
     state, meta = read_checkpoint(path)
-    model = build_model(recipe)
+    if recipe.arch == "bevfusion":
+        from .assemble import fused_key_report
+        from .checkpoint import compare_keys
+        from .errors import CheckpointError
+
+        if not compare_keys(state, model.state_dict()).ok:
+            raise CheckpointError(fused_key_report(state, model.state_dict(), source=str(path), recipe=recipe.name))
     load_state_dict(model, state, source=str(path), recipe=recipe.name)
     return model.eval(), path, meta
+
+
+def _assemble(recipe: Recipe, model, parts: dict) -> tuple[torch.nn.Module, Path, dict]:
+    from .assemble import assemble
+    from .errors import CheckpointError
+
+    if recipe.arch != "bevfusion":
+        raise CheckpointError(f"--checkpoint PART=PATH assembles a fused model from its streams; {recipe.name} is a "
+                              f"{recipe.arch} model: give one checkpoint file")
+    result = assemble(model, parts)
+    load_state_dict(model, result.state, source=" + ".join(f"{k}={v}" for k, v in parts.items()),
+                    recipe=recipe.name)
+    meta = {"parts": {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in parts.items()},
+            "assembly": result.lines()}
+    return model.eval(), Path(next(iter(parts.values()))), meta
 
 
 def export_onnx(model: torch.nn.Module, feeds: dict[str, np.ndarray], path: Path, opset: int) -> None:
@@ -142,11 +169,15 @@ def with_rig(recipe: Recipe, rig: str | Path | None) -> Recipe:
     has to be copied to change a rig."""
     if rig is None:
         return recipe
-    if not hasattr(recipe.model, "rig"):
-        raise RecipeError(f"{recipe.name} is a {recipe.arch} model without cameras; --rig is for camera models")
     from .camera.rig import rig_path
+    from .models import camera_config
 
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, rig=str(rig_path(rig).resolve())))
+    camera = camera_config(recipe.model)
+    if camera is None:
+        raise RecipeError(f"{recipe.name} is a {recipe.arch} model without cameras; --rig is for camera models")
+    camera = dataclasses.replace(camera, rig=str(rig_path(rig).resolve()))
+    model = camera if camera_config(recipe.model) is recipe.model else dataclasses.replace(recipe.model, camera=camera)
+    return dataclasses.replace(recipe, model=model)
 
 
 def converted_rig(recipe: Recipe, converted: Path, manifest: dict) -> Recipe:
@@ -178,13 +209,25 @@ def input_layout(manifest: dict) -> str:
     return next((i.get("layout") for i in manifest["inputs"] if i["name"] == "pillars"), None) or "PNC"
 
 
-def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | None = None,
+def input_scale(manifest: dict) -> np.ndarray | None:
+    """The per-channel divisor of a converted model's pillar input (normalise_points), or None."""
+    scale = next((i.get("scale") for i in manifest["inputs"] if i["name"] == "pillars"), None)
+    return None if scale is None else np.asarray(scale, np.float32)
+
+
+def pillar_format(manifest: dict) -> tuple[str, np.ndarray | None]:
+    """(layout, scale) of a converted model's pillar input, as deploykit.models.pillar_format gives it."""
+    return input_layout(manifest), input_scale(manifest)
+
+
+def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | dict | None = None,
             passes: list[str] | None = None, overwrite: bool = False, custom_ops: str = "function",
             standard_ops: bool = False, rig: str | Path | None = None, quiet: bool = False) -> ConvertResult:
     """``standard_ops`` also writes model.standard_ops.onnx: every deploykit::*
     node replaced by its lowering to standard ONNX ops, for runtimes that have
     no plugin or kernel for them; it is checked like model.onnx. ``rig`` replaces
-    the recipe's camera rig; the one used is copied into OUT/rig.json."""
+    the recipe's camera rig; the one used is copied into OUT/rig.json. ``checkpoint``
+    may be {"camera": path, "lidar": path, "fused": path} for a fused model."""
     from .engines import ort as ort_engine
 
     recipe = with_rig(recipe if isinstance(recipe, Recipe) else load_recipe(recipe), rig)
@@ -195,6 +238,8 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
 
     with steps.step(f"load {recipe.name} checkpoint"):
         original, ckpt_path, ckpt_meta = load_model(recipe, checkpoint)
+    for line in ckpt_meta.get("assembly", []) if not quiet else []:
+        console().print(f"  {line}", soft_wrap=True)
     coverage = original.rig_coverage() if hasattr(original, "rig_coverage") else None
     print_warnings(coverage_warnings(coverage or {}))
     if ckpt_meta.get("synthetic"):
@@ -245,7 +290,7 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
             if coverage is not None:
                 from .camera.rig import rig_path
 
-                source = rig_path(recipe.model.rig)
+                source = rig_path(camera_config(recipe.model).rig)
                 shutil.copyfile(source, scratch / RIG_FILE)
                 manifest["rig"] = {"file": RIG_FILE, "source": str(source), "sha256": sha256_file(source),
                                    "bev_coverage": coverage}
@@ -303,9 +348,15 @@ def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[Sample],
     }
 
 
+def _pillar_spec(model) -> dict:
+    from .models import pillar_format
+
+    layout, scale = pillar_format(model)
+    return {"layout": layout, **({"scale": [float(s) for s in scale]} if scale is not None else {})}
+
+
 def _manifest(recipe, model, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.ModelProto,
               sample: Sample, timings: dict, custom_ops: str) -> dict:
-    layout = getattr(model, "input_layout", None)
     import onnxruntime
     import onnxsim
 
@@ -326,7 +377,7 @@ def _manifest(recipe, model, ckpt_path: Path, ckpt_meta: dict, passes, exported:
         "onnx": {"file": "model.onnx", "opset": recipe.convert.opset, "simplified": recipe.convert.simplify,
                  "custom_ops": [{"domain": DOMAIN, "op_type": k, "count": v} for k, v in custom.items()],
                  "nodes": len(exported.graph.node)},
-        "inputs": [{**spec, **({"layout": layout} if spec["name"] == "pillars" else {})}
+        "inputs": [{**spec, **(_pillar_spec(model) if spec["name"] == "pillars" else {})}
                    for spec in tensor_specs(exported, exported.graph.input)],
         "outputs": tensor_specs(exported, exported.graph.output),
         "sample": {"file": "inputs.npz", **sample.info},

@@ -129,3 +129,33 @@ def synth_converted_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "synth"
     convert("centerpoint_pillar_synth", out, quiet=True)
     return out
+
+
+FUSED_SMALL = "bevfusion_small"
+
+
+@pytest.fixture(scope="session")
+def fused_recipe():
+    return load_recipe(FUSED_SMALL)
+
+
+@pytest.fixture(scope="session")
+def fused_model(fused_recipe):
+    model, _, _ = load_model(fused_recipe, None)
+    return model
+
+
+@pytest.fixture(scope="session")
+def fused_converted_dir(tmp_path_factory, fused_recipe):
+    out = tmp_path_factory.mktemp("convert") / "bevfusion_small"
+    convert(fused_recipe, out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fused_quantized_dir(tmp_path_factory, fused_recipe, fused_converted_dir):
+    from deploykit.quantize.pipeline import quantize
+
+    out = tmp_path_factory.mktemp("quantize") / "bevfusion_small"
+    quantize(fused_recipe, fused_converted_dir, out, quiet=True)
+    return out

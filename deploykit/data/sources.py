@@ -63,17 +63,19 @@ def open_source(path: str | Path, recipe, *, scenes: list[str] | None = None) ->
     if not path.exists():
         raise InputError(f"{path} does not exist; give a point-cloud file, a directory of them, a directory of "
                          "camera frames or a nuScenes-layout dataset")
-    camera = recipe.arch == "bevformer"
+    from ..models import camera_config, lidar_config
+
+    camera, lidar = camera_config(recipe.model) is not None, lidar_config(recipe.model)
     if is_nuscenes(path):
-        return _nuscenes(path, recipe, scenes, camera)
+        return _nuscenes(path, lidar, scenes, camera)
     if scenes:
         raise InputError(f"--scene picks scenes of a nuScenes-layout dataset; {path} is not one (no v1.0-* tables)")
     if camera:
-        return Source(path, "cameras", _camera_frames(path))
+        return Source(path, "cameras", _camera_frames(path, with_points=lidar is not None))
     return Source(path, "points", _point_frames(path))
 
 
-def _nuscenes(path: Path, recipe, scenes: list[str] | None, camera: bool) -> Source:
+def _nuscenes(path: Path, lidar, scenes: list[str] | None, camera: bool) -> Source:
     from .nuscenes import NuScenesLayout
 
     layout = NuScenesLayout(path)
@@ -81,7 +83,7 @@ def _nuscenes(path: Path, recipe, scenes: list[str] | None, camera: bool) -> Sou
     for s in scenes or []:
         if s not in names:
             raise InputError(f"scene {s} is not in {path} (it has {', '.join(names)})")
-    sweeps = 0 if camera else recipe.model.points.sweeps - 1
+    sweeps = 0 if lidar is None else lidar.points.sweeps - 1
     frames = [f for name in (scenes or names) for f in layout.frames(name, sweeps=sweeps, cameras=camera)]
     if not frames:
         raise InputError(f"{path} holds no samples")
@@ -105,7 +107,9 @@ def _stem(p: Path) -> str:
     return p.name.removesuffix(".bin").removesuffix(".pcd").removesuffix(".npy")
 
 
-def _camera_frames(path: Path) -> list[SensorFrame]:
+def _camera_frames(path: Path, with_points: bool = False) -> list[SensorFrame]:
+    """Frame sub-directories of camera images; ``with_points`` (a fused model): each also
+    holds its LiDAR sweep as one point-cloud file."""
     if not path.is_dir():
         raise InputError(f"{path} is a file; a camera model takes a directory of frames (one sub-directory per "
                          "frame with one image per camera, CAM_FRONT.jpg ...) or a nuScenes-layout dataset")
@@ -120,7 +124,14 @@ def _camera_frames(path: Path) -> list[SensorFrame]:
             raise InputError(f"frame {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         ego = _ego_pose(d / "ego_pose.json")
         cams = [CameraView(p.stem, p, np.eye(3), np.eye(4), ego, 0) for p in images]
-        frames.append(SensorFrame(path.name, i, d.name, 0, cameras=cams, ego2global=ego))
+        lidar = None
+        if with_points:
+            clouds = sorted(p for p in d.iterdir() if p.is_file() and _is_points(p))
+            if len(clouds) != 1:
+                raise InputError(f"frame {d} holds {len(clouds)} point-cloud files; a camera + LiDAR model needs "
+                                 f"exactly one per frame ({', '.join(POINT_SUFFIXES)}) beside the images")
+            lidar = Sweep(clouds[0], 0, np.eye(4), ego)
+        frames.append(SensorFrame(path.name, i, d.name, 0, cameras=cams, ego2global=ego, lidar=lidar))
     return frames
 
 
@@ -135,13 +146,14 @@ def _ego_pose(path: Path) -> np.ndarray:
                          f"({type(exc).__name__}: {exc})") from None
 
 
-def lidar_feeds(frame: SensorFrame, cfg, layout: str) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """(engine feeds, the conformed points, warnings) of one frame for a pillar model."""
+def lidar_feeds(frame: SensorFrame, cfg, layout: str, scale=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """(engine feeds, the conformed points, warnings) of one frame for a pillar model
+    (``layout`` and ``scale``: the engine's pillar format, deploykit.models.pillar_format)."""
     from ..preprocess.pillar_inputs import pillar_inputs
     from .sweeps import aggregate_sweeps
 
     points, warnings = aggregate_sweeps(frame, cfg)
-    inputs = pillar_inputs(points, cfg, layout)
+    inputs = pillar_inputs(points, cfg, layout, scale)
     return inputs.feeds, points, warnings + inputs.warnings
 
 
@@ -164,6 +176,20 @@ def camera_frame(frame: SensorFrame, cfg, rig):
         ego = frame.ego2global
         can_bus = can_bus_from_pose(ego[:3, 3], rotation_to_quaternion(ego[:3, :3]))
     return Frame(img, np.asarray(can_bus, np.float64), frame.scene, frame.index)
+
+
+def runner_frame(frame: SensorFrame, cfg, rig, layout: str = "PNC", scale=None):
+    """(the temporal runner's Frame, LiDAR points or None, warnings) of one frame for a
+    camera model: for a fused one (camera + LiDAR) the Frame also carries the sweep's pillars."""
+    from ..models import camera_config, lidar_config
+
+    f = camera_frame(frame, camera_config(cfg), rig)
+    lidar = lidar_config(cfg)
+    if lidar is None:
+        return f, None, []
+    feeds, points, warnings = lidar_feeds(frame, lidar, layout, scale)
+    f.sensors = feeds
+    return f, points, warnings
 
 
 def camera_warnings(source: Source) -> list[str]:

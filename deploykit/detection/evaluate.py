@@ -48,6 +48,7 @@ def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def labelled_scenes(recipe, model, seeds) -> list[tuple]:
     """(Sample, ground-truth Boxes, points per box) for each seed."""
     from ..errors import RecipeError
+    from ..models import pillar_format
     from ..preprocess.pillar_inputs import pillar_inputs, sample_scene
     from ..preprocess.synthetic_lidar import CLASSES
     from ..samples import Sample
@@ -61,7 +62,7 @@ def labelled_scenes(recipe, model, seeds) -> list[tuple]:
     out = []
     for seed in seeds:
         scene = sample_scene(cfg, int(seed))
-        inputs = pillar_inputs(scene.points, cfg, getattr(model, "input_layout", "PNC"))  # takes the features it needs
+        inputs = pillar_inputs(scene.points, cfg, *pillar_format(model))  # takes the features it needs
         labels = to_recipe[scene.labels]
         b = scene.boxes[labels >= 0].astype(np.float64)
         gt = Boxes(b[:, :3], b[:, 3:6], b[:, 6], np.ones(len(b)), labels[labels >= 0])

@@ -65,7 +65,9 @@ def default_attribute(name: str, velocity) -> str:
 
 def nuscenes_class_names(model_cfg) -> list[str]:
     """Label k -> nuScenes detection name for a model config: CenterPoint's task classes through
-    ``head.nuscenes_names`` (cyclist -> bicycle), BEVFormer's ``class_names``."""
+    ``head.nuscenes_names`` (cyclist -> bicycle), BEVFormer's ``class_names``; a fused model's
+    detection head's."""
+    model_cfg = getattr(model_cfg, "detection", model_cfg)
     head = getattr(model_cfg, "head", None)
     if head is not None and hasattr(head, "tasks"):
         mapping = dict(getattr(head, "nuscenes_names", {}) or {})

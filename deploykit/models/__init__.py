@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..detection import decode, evaluate
-from . import bevformer, centerpoint_pillar
+from . import bevformer, bevfusion, centerpoint_pillar
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,21 @@ class Architecture:
     stages: tuple[tuple[str, str], ...] = ()
 
 
+def pillar_format(model) -> tuple[str, Any]:
+    """(layout, scale) of a model's pillar input: how the host packs the pillars it feeds
+    (the rewrite passes decide both; an unbuilt model takes mmdet3d's raw PNC)."""
+    if model is None:
+        return "PNC", None
+    from ..passes.normalise_points import input_scale
+
+    return getattr(model, "input_layout", "PNC"), input_scale(model)
+
+
 def _pillar_sample(cfg, seed, model):
     from ..preprocess.pillar_inputs import sample_inputs
     from ..samples import Sample
 
-    s = sample_inputs(cfg, seed, getattr(model, "input_layout", "PNC"))
+    s = sample_inputs(cfg, seed, *pillar_format(model))
     return Sample(s.feeds, {"pillars": s.pillars_pnc, "coords": s.coords}, {"seed": seed, "pillars": s.num_pillars})
 
 
@@ -49,6 +59,31 @@ def _camera_sample(cfg, seed, model):
     from ..preprocess.camera_inputs import sample_inputs
 
     return sample_inputs(cfg, seed)
+
+
+def _fused_sample(cfg, seed, model):
+    """Both sensors of one frame: the camera stream's feeds and a LiDAR sweep's pillars."""
+    from ..preprocess.camera_inputs import sample_inputs as camera_inputs
+    from ..preprocess.pillar_inputs import sample_inputs as pillar_inputs
+    from ..samples import Sample
+
+    camera = camera_inputs(cfg.camera, seed)
+    lidar = pillar_inputs(cfg.lidar, seed, *pillar_format(model))
+    return Sample({**camera.feeds, **lidar.feeds},
+                  {**camera.reference, "pillars": lidar.pillars_pnc, "coords": lidar.coords},
+                  {**camera.info, "pillars": lidar.num_pillars})
+
+
+def _fused_detections(cfg, outputs):
+    if cfg.det_head == "bevformer":
+        return decode.decode_bevformer(cfg.detection, outputs)
+    return evaluate.centerpoint_detections(cfg.detection, outputs)
+
+
+def _fused_boxes(cfg, outputs):
+    if cfg.det_head == "bevformer":
+        return decode.decode_bevformer(cfg.detection, outputs)
+    return decode.decode_centerpoint(cfg.detection, outputs)
 
 
 def _centerpoint_init(model, cfg, gen):
@@ -79,7 +114,34 @@ ARCHITECTURES: dict[str, Architecture] = {
                 ("pts_bbox_head/encoder", "BEV encoder"), ("pts_bbox_head/decoder", "decoder"),
                 ("pts_bbox_head", "embeddings and heads")),
     ),
+    "bevfusion": Architecture(
+        config=bevfusion.BEVFusionConfig,
+        build=bevfusion.BEVFusion,
+        make_sample=_fused_sample,
+        synthetic_init=bevfusion.synthetic_init,
+        decode=_fused_boxes,
+        postprocess=_fused_detections,
+        stages=(("img_backbone", "camera stream"), ("img_neck", "camera stream"),
+                ("pts_bbox_head", "camera stream"), ("pts_voxel_encoder", "LiDAR stream"),
+                ("pts_middle_encoder", "LiDAR stream"), ("pts_backbone", "LiDAR stream"),
+                ("pts_neck", "LiDAR stream"), ("fusion_module", "fusion"), ("det_head", "detection head"),
+                ("occ_head", "occupancy head")),
+    ),
 }
+
+
+def camera_config(cfg):
+    """The camera stream's BEVFormerConfig of a model config, or None (a LiDAR-only model)."""
+    if isinstance(cfg, bevformer.BEVFormerConfig):
+        return cfg
+    return getattr(cfg, "camera", None)
+
+
+def lidar_config(cfg):
+    """The LiDAR stream's config (voxelization, pillar encoder, points) of a model config, or None."""
+    if isinstance(cfg, centerpoint_pillar.PillarStreamConfig):
+        return cfg
+    return getattr(cfg, "lidar", None)
 
 
 def build_model(recipe) -> Any:

@@ -146,10 +146,12 @@ class HeadConfig:
 
 
 @dataclass(frozen=True)
-class CenterPointPillarConfig:
-    arch: ClassVar[str] = "centerpoint_pillar"
+class PillarStreamConfig:
+    """The LiDAR stream up to its BEV features: voxelization, PFN, scatter, SECOND, FPN.
+
+    CenterPoint adds its head to it; BEVFusion fuses its BEV with the camera stream's."""
+
     voxelization: VoxelizationConfig
-    head: HeadConfig
     pillar_encoder: PillarEncoderConfig = PillarEncoderConfig()
     backbone: BackboneConfig = BackboneConfig()
     neck: NeckConfig = NeckConfig()
@@ -186,6 +188,22 @@ class CenterPointPillarConfig:
         for s in self.backbone.layer_strides:
             down *= s
         return int(round(down / self.neck.upsample_strides[-1]))
+
+    @property
+    def bev_size(self) -> tuple[int, int]:
+        """(rows, columns) of the stream's BEV features: (y, x) cells of the grid over the stride."""
+        nx, ny, _ = self.voxelization.grid_size
+        return ny // self.output_stride, nx // self.output_stride
+
+    @property
+    def bev_channels(self) -> int:
+        return sum(self.neck.out_channels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CenterPointPillarConfig(PillarStreamConfig):
+    arch: ClassVar[str] = "centerpoint_pillar"
+    head: HeadConfig
 
 
 class PFNLayer(nn.Module):
@@ -348,20 +366,26 @@ class CenterHead(nn.Module):
         return [out for task in self.task_heads for out in task(x)]
 
 
+def build_pillar_stream(module: nn.Module, cfg: PillarStreamConfig) -> None:
+    """Give ``module`` the LiDAR stream's submodules under mmdet3d's names (pts_voxel_encoder,
+    pts_middle_encoder, pts_backbone, pts_neck), so checkpoints load without renaming."""
+    nx, ny, _ = cfg.voxelization.grid_size
+    feat = cfg.pillar_encoder.feat_channels[-1]
+    module.pts_voxel_encoder = PillarFeatureNet(cfg.pillar_channels, cfg.pillar_encoder,
+                                                cfg.voxelization.max_points_per_pillar)
+    module.pts_middle_encoder = PointPillarsScatter(feat, ny, nx)
+    module.pts_backbone = SECOND(feat, cfg.backbone)
+    module.pts_neck = SECONDFPN(cfg.backbone.out_channels, cfg.neck)
+
+
 class CenterPointPillar(nn.Module):
     """forward(pillars, coords) -> flat tuple of head maps, see ``output_names``."""
 
     def __init__(self, cfg: CenterPointPillarConfig):
         super().__init__()
         self.cfg = cfg
-        nx, ny, _ = cfg.voxelization.grid_size
-        feat = cfg.pillar_encoder.feat_channels[-1]
-        self.pts_voxel_encoder = PillarFeatureNet(
-            cfg.pillar_channels, cfg.pillar_encoder, cfg.voxelization.max_points_per_pillar)
-        self.pts_middle_encoder = PointPillarsScatter(feat, ny, nx)
-        self.pts_backbone = SECOND(feat, cfg.backbone)
-        self.pts_neck = SECONDFPN(cfg.backbone.out_channels, cfg.neck)
-        self.pts_bbox_head = CenterHead(sum(cfg.neck.out_channels), cfg.head)
+        build_pillar_stream(self, cfg)
+        self.pts_bbox_head = CenterHead(cfg.bev_channels, cfg.head)
 
     @property
     def input_layout(self) -> str:
@@ -376,8 +400,11 @@ class CenterPointPillar(nn.Module):
         heads = [*self.cfg.head.common_heads, "heatmap"]
         return [f"task{t}.{h}" for t in range(len(self.cfg.head.tasks)) for h in heads]
 
-    def forward(self, pillars: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def bev_features(self, pillars: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """The LiDAR stream alone: (1, sum(neck.out_channels), ny / stride, nx / stride)."""
         feats = self.pts_voxel_encoder(pillars)
         canvas = self.pts_middle_encoder(feats, coords)
-        bev = self.pts_neck(self.pts_backbone(canvas))
-        return tuple(self.pts_bbox_head(bev))
+        return self.pts_neck(self.pts_backbone(canvas))
+
+    def forward(self, pillars: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.pts_bbox_head(self.bev_features(pillars, coords)))

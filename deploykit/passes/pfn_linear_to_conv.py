@@ -71,10 +71,14 @@ def _convert_layer(layer, num_points: int) -> ConvPFNLayer:
     return ConvPFNLayer(conv, norm, layer.last_vfe, num_points)
 
 
+def _convert(net: PillarFeatureNet) -> ConvPillarFeatureNet:
+    conv = ConvPillarFeatureNet([_convert_layer(layer, net.num_points) for layer in net.pfn_layers]).train(net.training)
+    if getattr(net, "input_scale", None) is not None:  # normalise_points ran first: keep its input contract
+        conv.register_buffer("input_scale", net.input_scale.clone(), persistent=False)
+    return conv
+
+
 def apply(model: nn.Module) -> nn.Module:
-    return replace_modules(
-        model, PillarFeatureNet,
-        lambda m: ConvPillarFeatureNet([_convert_layer(layer, m.num_points) for layer in m.pfn_layers]).train(m.training),
-        NAME, "the model has no Linear pillar feature net (already converted?)",
-    )
+    return replace_modules(model, PillarFeatureNet, _convert, NAME,
+                           "the model has no Linear pillar feature net (already converted?)")
 

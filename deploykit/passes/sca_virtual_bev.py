@@ -80,6 +80,7 @@ class VirtualBEVSpatialCrossAttention(nn.Module):
 
 def plan_for(model: nn.Module, encoder: BEVFormerEncoder) -> VirtualBEV:
     cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "camera", cfg)  # BEVFusion: its camera stream's
     if cfg is None or not hasattr(cfg, "virtual_bev"):
         raise RecipeError(f"pass '{NAME}' needs a BEVFormer model whose config has a [model.virtual_bev] table")
     vb = cfg.virtual_bev

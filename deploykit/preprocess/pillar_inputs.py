@@ -36,7 +36,9 @@ def voxel_grid(model_cfg) -> VoxelGrid:
     return VoxelGrid(tuple(v.point_cloud_range), tuple(v.voxel_size), v.max_points_per_pillar, v.max_pillars)
 
 
-def pillar_inputs(points: np.ndarray, model_cfg, layout: str) -> PillarInputs:
+def pillar_inputs(points: np.ndarray, model_cfg, layout: str, scale: np.ndarray | None = None) -> PillarInputs:
+    """``scale``: the per-channel divisor of an engine converted with ``normalise_points``
+    (the engine feeds are divided by it; the unpadded reference pillars are not)."""
     want = model_cfg.voxelization.point_features
     if points.ndim != 2 or points.shape[1] < want:
         raise InputError(f"points must be (M, >= {want}) for this recipe, got shape {list(points.shape)}")
@@ -49,7 +51,8 @@ def pillar_inputs(points: np.ndarray, model_cfg, layout: str) -> PillarInputs:
     decorated = decorate(voxels, grid, with_cluster_center=enc.with_cluster_center,
                          with_voxel_center=enc.with_voxel_center, with_distance=enc.with_distance,
                          legacy=enc.legacy)
-    pillars, coords = pack_pillars(decorated, voxels.coords, grid.max_voxels, layout)
+    packed = decorated if scale is None else decorated / np.asarray(scale, np.float32)
+    pillars, coords = pack_pillars(packed, voxels.coords, grid.max_voxels, layout)
     real = np.concatenate([np.zeros((voxels.num_voxels, 1), np.int32), voxels.coords], axis=1)
     return PillarInputs({"pillars": pillars, "coords": coords}, decorated, real, voxels.dropped_voxels,
                         _overflow_warnings(voxels, grid.max_voxels))
@@ -82,5 +85,5 @@ def sample_points(model_cfg, seed: int) -> np.ndarray:
     return sample_scene(model_cfg, seed).points[:, : model_cfg.voxelization.point_features]
 
 
-def sample_inputs(model_cfg, seed: int, layout: str) -> PillarInputs:
-    return pillar_inputs(sample_points(model_cfg, seed), model_cfg, layout)
+def sample_inputs(model_cfg, seed: int, layout: str, scale: np.ndarray | None = None) -> PillarInputs:
+    return pillar_inputs(sample_points(model_cfg, seed), model_cfg, layout, scale)

@@ -30,6 +30,8 @@ from ..errors import InputError
 
 FORMAT = 1
 INDEX = "calib.json"
+# Engine inputs a temporal model's runner makes from the previous frames, never stored.
+TEMPORAL_STATE = ("shift", "prev_bev", "use_prev_bev")
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,13 @@ def _check_arrays(path: Path, arrays: dict[str, np.ndarray], inputs) -> None:
 
 def write_calib_set(out: Path, recipe: str, samples: list[tuple[dict[str, np.ndarray], str, int]], *,
                     temporal: bool, overwrite: bool = False, source: dict | None = None,
-                    origins: list[dict] | None = None, warnings: list[str] | None = None) -> Path:
+                    origins: list[dict] | None = None, warnings: list[str] | None = None,
+                    pillar_scale=None) -> Path:
     """Write ``samples`` = [(arrays, scene, index), ...] as a calibration set, atomically.
     ``source`` describes the user data they came from, ``origins`` the frame each sample
-    is ({"scene", "index", "token"} of the source), so quantize can hold other frames out."""
+    is ({"scene", "index", "token"} of the source), so quantize can hold other frames out.
+    ``pillar_scale`` is the divisor the pillars were normalised by (normalise_points):
+    the shapes cannot tell raw from normalised pillars, so the index records it."""
     out = Path(out)
     if not samples:
         raise InputError("a calibration set needs at least one sample")
@@ -110,6 +115,8 @@ def write_calib_set(out: Path, recipe: str, samples: list[tuple[dict[str, np.nda
                             **({"origin": origins[i]} if origins else {})})
         write_json(scratch / INDEX, {"format": FORMAT, "recipe": recipe, "inputs": inputs, "temporal": temporal,
                                      "samples": entries, **({"source": source} if source else {}),
+                                     **({"pillar_scale": [float(x) for x in pillar_scale]}
+                                        if pillar_scale is not None else {}),
                                      **({"warnings": warnings} if warnings else {})})
     return out
 
@@ -138,6 +145,7 @@ def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] 
                          f"make one for {recipe} with `deploykit calib --recipe {recipe} --out DIR`")
     if inputs is not None:
         _check_spec(path, spec, inputs, bool(meta.get("temporal")))
+        _check_scale(path, meta.get("pillar_scale"), inputs)
     _check_order(path, entries)
     return CalibSet(path, str(meta.get("recipe")), spec, bool(meta.get("temporal")), entries, meta.get("source"))
 
@@ -147,7 +155,10 @@ def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool) -> None:
     if temporal:
         # A frame's CAN bus is the raw absolute one, kept in float64 (global positions
         # in metres need it); the engine's relative float32 (1, 18) is made from it.
-        want = {"img": want["img"], "can_bus": {"name": "can_bus", "shape": [18], "dtype": "float64"}}
+        # The rest of the temporal state is made while calibrating; other inputs (a fused
+        # model's pillars) come with each frame.
+        want = {**{k: v for k, v in want.items() if k not in TEMPORAL_STATE},
+                "can_bus": {"name": "can_bus", "shape": [18], "dtype": "float64"}}
     got = {i["name"]: i for i in spec}
     for name, w in want.items():
         g = got.get(name)
@@ -155,6 +166,17 @@ def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool) -> None:
             have = f"{g['dtype']}{list(g['shape'])}" if g else "nothing"
             raise InputError(f"calibration set {path} has {have} for input {name}, the model takes "
                              f"{w['dtype']}{list(w['shape'])}: it was made for another recipe or layout")
+
+
+def _check_scale(path: Path, got, inputs: list[dict]) -> None:
+    want = next((i.get("scale") for i in inputs if i["name"] == "pillars"), None)
+    if want is None and got is None:
+        return
+    if want is None or got is None or not np.allclose(want, got):
+        have = "raw pillar features" if got is None else f"pillars divided by {got}"
+        takes = "raw ones" if want is None else f"them divided by {want} (the normalise_points pass)"
+        raise InputError(f"calibration set {path} holds {have}, the model takes {takes}: make the set again "
+                         "for this converted model with `deploykit calib`")
 
 
 def _check_order(path: Path, entries) -> None:
@@ -177,22 +199,29 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
                     overwrite: bool = False) -> Path:
     """A calibration set from the recipe's own sample generator (synthetic data):
     engine feeds for pillar models, ordered camera frames for temporal ones."""
-    from ..models import build_model, make_sample
+    from ..models import build_model, camera_config, lidar_config, make_sample, pillar_format
     from ..passes import apply_passes
     from ..preprocess.camera_inputs import synthetic_scene
+    from ..preprocess.pillar_inputs import sample_inputs as pillar_inputs
 
     if samples < 1:
         raise InputError("--samples must be at least 1")
-    if recipe.arch == "bevformer":
+    camera, lidar = camera_config(recipe.model), lidar_config(recipe.model)
+    # The engine's input layout depends on the passes, not on the weights.
+    layout = pillar_format(apply_passes(build_model(recipe), recipe.convert.passes)) if lidar else None
+    if camera is not None:
         rows = []
         for s in range(-(-samples // frames_per_scene)):
-            for frame in synthetic_scene(recipe.model, f"scene-{s:04d}", frames_per_scene, seed + s):
-                rows.append(({"img": frame.img, "can_bus": frame.can_bus}, frame.scene, frame.index))
-        return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite)
-    # The engine's input layout depends on the passes, not on the weights.
+            for frame in synthetic_scene(camera, f"scene-{s:04d}", frames_per_scene, seed + s):
+                # A fused model's LiDAR sweep of the same frame (the synthetic sensors are independent).
+                sweep = pillar_inputs(lidar, seed + len(rows), *layout).feeds if lidar else {}
+                rows.append(({"img": frame.img, "can_bus": frame.can_bus, **sweep}, frame.scene, frame.index))
+        return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite,
+                               pillar_scale=layout[1] if layout else None)
     model = apply_passes(build_model(recipe), recipe.convert.passes)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
-    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite)
+    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite,
+                           pillar_scale=pillar_format(model)[1])
 
 
 def calib(recipe, out: str | Path, *, source: str | Path | None = None, samples: int = 16, frames_per_scene: int = 4,
@@ -234,8 +263,8 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
     does, with the frame each one is recorded so quantize can measure on others."""
     from ..camera.rig import load_rig
     from ..data.images import image_looks_like_noise
-    from ..data.sources import camera_frame, camera_warnings, lidar_feeds, open_source
-    from ..models import build_model
+    from ..data.sources import camera_warnings, lidar_feeds, open_source, runner_frame
+    from ..models import build_model, camera_config, lidar_config, pillar_format
     from ..passes import apply_passes
     from ..progress import grouped, print_warnings, track
 
@@ -243,7 +272,10 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
         raise InputError("--samples must be at least 1")
     ensure_writable(Path(out), overwrite=overwrite)
     source = open_source(source_path, recipe, scenes=scenes)
-    temporal = recipe.arch == "bevformer"
+    camera, lidar = camera_config(recipe.model), lidar_config(recipe.model)
+    temporal = camera is not None
+    # The engine's pillar format depends on the passes, not on the weights.
+    layout = pillar_format(apply_passes(build_model(recipe), recipe.convert.passes)) if lidar else ("PNC", None)
     picked = pick_frames(source.frames, samples, run=frames_per_scene if temporal else 1)
     warnings = camera_warnings(source) if temporal else []
     if len(picked) < samples:
@@ -251,27 +283,27 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
                         f"{samples}")
     rows, origins, noisy = [], [], 0
     if temporal:
-        rig = load_rig(recipe.model.rig)
+        rig = load_rig(camera.rig)
         for frame in track(picked, "reading camera frames", quiet=quiet, total=len(picked)):
-            f = camera_frame(frame, recipe.model, rig)
+            f, _, frame_warnings = runner_frame(frame, recipe.model, rig, *layout)  # a fused model's sweep too
+            warnings += frame_warnings
             noisy += image_looks_like_noise(f.img[0, 0].transpose(1, 2, 0))
-            rows.append(({"img": f.img, "can_bus": f.can_bus}, frame.scene, frame.index))
+            rows.append(({"img": f.img, "can_bus": f.can_bus, **f.sensors}, frame.scene, frame.index))
             origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
         rows = _renumber_runs(rows)
         if noisy * 2 >= len(rows):
             warnings.append(f"{noisy} of {len(rows)} calibration frames look like noise, not camera images (adjacent "
                             "pixels uncorrelated): ranges calibrated on them will not fit real images")
     else:
-        # The engine's input layout depends on the passes, not on the weights.
-        layout = apply_passes(build_model(recipe), recipe.convert.passes).input_layout
         for frame in track(picked, "voxelizing sweeps", quiet=quiet, total=len(picked)):
-            feeds, _, frame_warnings = lidar_feeds(frame, recipe.model, layout)
+            feeds, _, frame_warnings = lidar_feeds(frame, recipe.model, *layout)
             warnings += frame_warnings
             rows.append((feeds, frame.token, 0))
             origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
     print_warnings(warnings, where=f"{out}/calib.json")
     return write_calib_set(Path(out), recipe.name, rows, temporal=temporal, overwrite=overwrite,
-                           source=source.describe(), origins=origins, warnings=grouped(warnings))
+                           source=source.describe(), origins=origins, warnings=grouped(warnings),
+                           pillar_scale=layout[1])
 
 
 def _renumber_runs(rows: list) -> list:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
 from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED, converted_rig, recipe_of_converted
-from ..models import ARCHITECTURES, build_model, make_sample
+from ..models import ARCHITECTURES, build_model, camera_config, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, print_warnings, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
@@ -95,7 +96,9 @@ def check_rig(converted: Path, manifest: dict, rig: str | Path | None) -> None:
 def default_calib_set(recipe: Recipe) -> Path:
     """The recipe's bundled calibration set (synthetic), generated into .cache/ on first use."""
     spec = recipe.quantize
-    path = CALIB_CACHE / f"{recipe.name}-n{spec.calib_samples}-f{spec.frames_per_scene}"
+    # The passes decide the engine's pillar format (layout, normalisation), so they key the cache.
+    passes = hashlib.sha256(",".join(recipe.convert.passes).encode()).hexdigest()[:8]
+    path = CALIB_CACHE / f"{recipe.name}-n{spec.calib_samples}-f{spec.frames_per_scene}-{passes}"
     if not path.exists():
         build_calib_set(recipe, path, samples=spec.calib_samples, frames_per_scene=spec.frames_per_scene)
     return path
@@ -110,14 +113,13 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
 
     for q in quantizers(qmodel).values():
         q.start_calibration()
-    runner = SequenceRunner(TorchEngine(qmodel), recipe.model) if calib.temporal else None
+    runner = SequenceRunner(TorchEngine(qmodel), camera_config(recipe.model)) if calib.temporal else None
     for sample in track(calib, "calibrating", quiet=quiet, total=len(calib)):
         why = suspect_sample(sample.arrays) if suspects is not None else None
         if why:
             suspects.append(f"{sample.file}: {why}")
         if runner is not None:
-            runner.step(Frame(sample.arrays["img"], sample.arrays["can_bus"].astype(np.float64), sample.scene,
-                              sample.index))
+            runner.step(Frame.from_arrays(sample.arrays, sample.scene, sample.index))
         else:
             torch_outputs(qmodel, sample.arrays)
     return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
@@ -158,7 +160,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         recipe = converted_rig(recipe, Path(converted), manifest)  # as load_converted built the model
         target_outputs = _target_outputs(recipe, model)
         calib_path = calib_path or default_calib_set(recipe)
-        inputs = [{k: i[k] for k in ("name", "shape", "dtype")} for i in manifest["inputs"]]
+        inputs = [{k: i[k] for k in ("name", "shape", "dtype", "scale") if k in i} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
         data = held_out(calib_set, recipe, manifest)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
@@ -190,6 +192,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
             search = search_int16(qmodel, active, chooser, [torch_outputs(model, s.feeds) for s in chooser],
                                   target_db=spec.target_sqnr_db, budget=spec.int16_budget,
                                   outputs=target_outputs, quiet=quiet)
+            search.stages = ARCHITECTURES[recipe.arch].stages
             raise_if_unmet(search)
         lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
     configurations = [("int8", [])] + ([("int8_int16", lifted)] if lifted else [])

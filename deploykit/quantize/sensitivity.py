@@ -45,6 +45,13 @@ class Search:
     steps: list[dict] = field(default_factory=list)  # worst SQNR after each addition
     target_db: float = 0.0
     budget: int = 0
+    # (module-path prefix, stage label), the architecture's stage table: a fused model's
+    # report says which stream each module is in.
+    stages: tuple[tuple[str, str], ...] = ()
+
+    def stage(self, module: str) -> str:
+        best = max((p for p, _ in self.stages if module == p or module.startswith(p + ".")), key=len, default=None)
+        return dict(self.stages)[best] if best is not None else module.split(".")[0]
 
     @property
     def final_sqnr_db(self) -> float:
@@ -61,7 +68,7 @@ class Search:
     def to_dict(self) -> dict:
         return {"baseline_worst_sqnr_db": self.baseline_sqnr_db, "target_db": self.target_db, "budget": self.budget,
                 "met": self.met, "final_worst_sqnr_db": self.final_sqnr_db, "chosen": self.chosen, "steps": self.steps,
-                "modules": [m.__dict__ for m in self.modules]}
+                "modules": [{**m.__dict__, "stage": self.stage(m.module)} for m in self.modules]}
 
 
 def group_modules(names: list[str]) -> dict[str, list[str]]:
@@ -144,14 +151,19 @@ def markdown(search: Search, recipe: str) -> str:
              f"budget {search.budget} modules; {'met' if search.met else 'NOT met'} with "
              f"{len(search.chosen)} module(s) in int16.", ""]
     if search.steps:
-        lines += ["## Greedy choice", "", markdown_table(["added to int16", "worst SQNR dB after"],
-                                                         [[s["module"], f"{s['worst_sqnr_db']:.1f}"]
-                                                          for s in search.steps]), ""]
+        lines += ["## Greedy choice", "", markdown_table(["added to int16", "stage", "worst SQNR dB after"],
+                                                         [[s["module"], search.stage(s["module"]),
+                                                           f"{s['worst_sqnr_db']:.1f}"] for s in search.steps]), ""]
     chosen = set(search.chosen)
-    rows = [[m.module, f"{m.gain_db:+.2f}", f"{m.alone_sqnr_db:.1f}", len(m.quantizers),
+    if chosen and search.stages:
+        per_stage: dict[str, int] = {}
+        for module in search.chosen:
+            per_stage[search.stage(module)] = per_stage.get(search.stage(module), 0) + 1
+        lines += ["int16 modules per stage: " + ", ".join(f"{k} {v}" for k, v in per_stage.items()) + ".", ""]
+    rows = [[m.module, search.stage(m.module), f"{m.gain_db:+.2f}", f"{m.alone_sqnr_db:.1f}", len(m.quantizers),
              "yes" if m.module in chosen else ""] for m in search.modules]
     lines += ["## Modules ranked by gain when lifted alone", "",
-              markdown_table(["module", "gain dB", "SQNR quantized alone", "quantizers", "int16"], rows), "",
+              markdown_table(["module", "stage", "gain dB", "SQNR quantized alone", "quantizers", "int16"], rows), "",
               "![sensitivity](sensitivity.png)", ""]
     return "\n".join(lines)
 

@@ -28,16 +28,20 @@ class HeldOut:
     layout: str
     rig: object | None
     warnings: list[str]
+    scale: object = None  # the pillar input's divisor (normalise_points), or None
 
     @property
     def temporal(self) -> bool:
-        return self.recipe.arch == "bevformer"
+        from ..models import camera_config
+
+        return camera_config(self.recipe.model) is not None
 
     def samples(self, model, count: int = FIDELITY_FRAMES, exclude: set[str] = frozenset()) -> list[Sample]:
         """Engine feeds of ``count`` held-out frames (not in ``exclude``), spread over the
         data. For BEVFormer each run of consecutive frames is fed through the float model
         in order, so every frame's previous BEV is the one it would really carry."""
-        from ..data.sources import camera_frame, lidar_feeds
+        from ..data.sources import lidar_feeds, runner_frame
+        from ..models import camera_config
         from .calib_set import pick_frames
 
         pool = [f for f in self.frames if f.token not in exclude]
@@ -46,16 +50,16 @@ class HeldOut:
         if self.temporal:
             from ..temporal.runner import SequenceRunner, TorchEngine
 
-            runner = SequenceRunner(TorchEngine(model), self.recipe.model)
+            runner = SequenceRunner(TorchEngine(model), camera_config(self.recipe.model))
             for frame in picked:
                 if runner.scene != frame.scene or runner.index != frame.index - 1:
                     runner.reset()
-                f = camera_frame(frame, self.recipe.model, self.rig)
+                f, _, _ = runner_frame(frame, self.recipe.model, self.rig, self.layout, self.scale)
                 out.append(Sample(runner.feeds(f), {}, _info(frame)))
                 runner.step(f)
         else:
             for frame in picked:
-                feeds, _, _ = lidar_feeds(frame, self.recipe.model, self.layout)
+                feeds, _, _ = lidar_feeds(frame, self.recipe.model, self.layout, self.scale)
                 out.append(Sample(feeds, {}, _info(frame)))
         return out
 
@@ -75,7 +79,8 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
         return None
     from ..camera.rig import load_rig
     from ..data.sources import open_source
-    from ..export import input_layout
+    from ..export import input_layout, input_scale
+    from ..models import camera_config
 
     path = Path(calib_set.source["path"])
     if not path.exists():
@@ -90,8 +95,9 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
                         "frames; hold some out (calib -n fewer) to measure on unseen data")
         frames = source.frames
     # ``recipe`` carries the converted model's rig (deploykit.export.converted_rig).
-    rig = load_rig(recipe.model.rig) if recipe.arch == "bevformer" else None
-    return HeldOut(recipe, source, frames, input_layout(manifest), rig, warnings)
+    camera = camera_config(recipe.model)
+    rig = load_rig(camera.rig) if camera is not None else None
+    return HeldOut(recipe, source, frames, input_layout(manifest), rig, warnings, input_scale(manifest))
 
 
 def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False) -> dict:
@@ -104,7 +110,7 @@ def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False
     out = {"source": str(data.source.path), "frames": len(frames),
            "scenes": list(dict.fromkeys(f.scene for f in frames)), "classes": classes}
     for key, engine in engines.items():
-        results = predict_frames(data.recipe, engine, frames, layout=data.layout, rig=data.rig,
+        results = predict_frames(data.recipe, engine, frames, layout=data.layout, scale=data.scale, rig=data.rig,
                                  description=f"scoring {key}", quiet=quiet)
         out[key] = evaluate_frames(frames, results, class_names=classes)
     return out

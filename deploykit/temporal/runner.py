@@ -11,7 +11,7 @@ Runtime engine, or a PyTorch model through :class:`TorchEngine`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,12 +23,21 @@ from .ego_motion import EgoPose, bev_shift, relative_can_bus, rotate_bev
 @dataclass
 class Frame:
     """One time step: normalised images (1, N, 3, H, W), the raw 18-value CAN bus,
-    the scene it belongs to and its index within that scene (0, 1, 2 ...)."""
+    the scene it belongs to and its index within that scene (0, 1, 2 ...). ``sensors``
+    are the frame's other engine inputs, passed through as they are (BEVFusion: the
+    LiDAR sweep's ``pillars`` and ``coords``)."""
 
     img: np.ndarray
     can_bus: np.ndarray
     scene: str
     index: int
+    sensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], scene: str, index: int) -> "Frame":
+        """A frame from a calibration sample's arrays: img, the raw can_bus, and any other sensor's."""
+        sensors = {k: v for k, v in arrays.items() if k not in ("img", "can_bus")}
+        return cls(arrays["img"], np.asarray(arrays["can_bus"], np.float64), scene, index, sensors)
 
 
 class TorchEngine:
@@ -77,7 +86,8 @@ class SequenceRunner:
             prev = np.zeros((1, cfg.num_bev_queries, cfg.embed_dims), np.float32)
         feeds = {"img": np.ascontiguousarray(frame.img, np.float32),
                  "can_bus": can_bus[None].astype(np.float32), "shift": shift[None].astype(np.float32),
-                 "prev_bev": prev, "use_prev_bev": np.array([1.0 if continues else 0.0], np.float32)}
+                 "prev_bev": prev, "use_prev_bev": np.array([1.0 if continues else 0.0], np.float32),
+                 **frame.sensors}
         return feeds, pose
 
     def step(self, frame: Frame) -> dict[str, np.ndarray]:

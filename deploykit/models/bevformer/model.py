@@ -129,27 +129,28 @@ def _reg_branch(c: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c), nn.ReLU(), nn.Linear(c, out))
 
 
-class BEVFormerHead(nn.Module):
-    def __init__(self, cfg: BEVFormerConfig, reference_points_cam: torch.Tensor, bev_mask: torch.Tensor):
-        super().__init__()
-        self.cfg = cfg
-        c = cfg.embed_dims
-        self.transformer = PerceptionTransformer(cfg, reference_points_cam, bev_mask)
+class DetrPredictions:
+    """BEVFormerHead's detection from a BEV embedding: decoder, then the last layer's
+    branches, centres denormalised to metres. Needs ``cfg``, ``transformer.decode``,
+    ``query_embedding``, ``cls_branches`` and ``reg_branches``."""
+
+    def _build_branches(self, cfg: BEVFormerConfig) -> None:
         # with_box_refine: one branch per decoder layer.
-        self.cls_branches = nn.ModuleList(_cls_branch(c, cfg.num_classes) for _ in range(cfg.decoder_layers))
-        self.reg_branches = nn.ModuleList(_reg_branch(c, cfg.code_size) for _ in range(cfg.decoder_layers))
-        self.bev_embedding = nn.Embedding(cfg.num_bev_queries, c)
-        self.query_embedding = nn.Embedding(cfg.num_query, c * 2)
-        self.positional_encoding = LearnedPositionalEncoding(c // 2, cfg.bev_h, cfg.bev_w)
+        self.cls_branches = nn.ModuleList(_cls_branch(cfg.embed_dims, cfg.num_classes)
+                                          for _ in range(cfg.decoder_layers))
+        self.reg_branches = nn.ModuleList(_reg_branch(cfg.embed_dims, cfg.code_size)
+                                          for _ in range(cfg.decoder_layers))
+
+    def _build_queries(self, cfg: BEVFormerConfig) -> None:
+        self.query_embedding = nn.Embedding(cfg.num_query, cfg.embed_dims * 2)
+
+    def _build_code_weights(self, cfg: BEVFormerConfig) -> None:
         # A training loss weight, but a Parameter in the release, hence in its state dict.
         self.code_weights = nn.Parameter(torch.tensor([1.0] * 8 + [0.2] * 2)[: cfg.code_size], requires_grad=False)
 
-    def forward(self, mlvl_feats, can_bus, prev_bev, shift, use_prev_bev):
+    def predict(self, bev_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bev_embed (bs, H*W, C) -> cls_scores (bs, num_query, classes), bbox_preds (bs, num_query, 10)."""
         cfg = self.cfg
-        bs = mlvl_feats[0].shape[0]
-        bev_pos = self.positional_encoding(bs, cfg.bev_h, cfg.bev_w)
-        bev_embed = self.transformer.get_bev_features(mlvl_feats, self.bev_embedding.weight, bev_pos, can_bus,
-                                                      prev_bev, shift, use_prev_bev)
         hs, reference = self.transformer.decode(bev_embed, self.query_embedding.weight, self.reg_branches,
                                                 (cfg.bev_h, cfg.bev_w))
         hs = hs.permute(1, 0, 2)
@@ -163,7 +164,42 @@ class BEVFormerHead(nn.Module):
         lo = torch.tensor([r[0], r[1]])
         span = torch.tensor([r[3] - r[0], r[4] - r[1]])
         bbox = torch.cat([xy * span + lo, tmp[..., 2:4], z * (r[5] - r[2]) + r[2], tmp[..., 5:]], -1)
-        return bev_embed, cls_scores, bbox
+        return cls_scores, bbox
+
+
+class BEVFormerHead(DetrPredictions, nn.Module):
+    """``detection=False`` keeps the BEV encoder only: BEVFusion's camera stream, whose
+    decoder runs on the fused BEV instead (deploykit.models.bevfusion)."""
+
+    def __init__(self, cfg: BEVFormerConfig, reference_points_cam: torch.Tensor, bev_mask: torch.Tensor,
+                 detection: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.embed_dims
+        # Registration order as the release's (the stand-in weights are drawn in module order).
+        self.transformer = PerceptionTransformer(cfg, reference_points_cam, bev_mask, decoder=detection)
+        if detection:
+            self._build_branches(cfg)
+        self.bev_embedding = nn.Embedding(cfg.num_bev_queries, c)
+        if detection:
+            self._build_queries(cfg)
+        self.positional_encoding = LearnedPositionalEncoding(c // 2, cfg.bev_h, cfg.bev_w)
+        if detection:
+            self._build_code_weights(cfg)
+
+    def bev_features(self, mlvl_feats, can_bus, prev_bev, shift, use_prev_bev) -> torch.Tensor:
+        cfg = self.cfg
+        bs = mlvl_feats[0].shape[0]
+        bev_pos = self.positional_encoding(bs, cfg.bev_h, cfg.bev_w)
+        return self.transformer.get_bev_features(mlvl_feats, self.bev_embedding.weight, bev_pos, can_bus,
+                                                 prev_bev, shift, use_prev_bev)
+
+    def forward(self, mlvl_feats, can_bus, prev_bev, shift, use_prev_bev):
+        """(bev_embed, cls_scores, bbox_preds); bev_embed alone without the decoder."""
+        bev_embed = self.bev_features(mlvl_feats, can_bus, prev_bev, shift, use_prev_bev)
+        if not hasattr(self, "cls_branches"):
+            return bev_embed
+        return (bev_embed, *self.predict(bev_embed))
 
 
 def rig_projection(cfg: BEVFormerConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,20 +236,21 @@ class BEVFormer(nn.Module):
     input_names = ["img", "can_bus", "shift", "prev_bev", "use_prev_bev"]
     output_names = ["bev_embed", "cls_scores", "bbox_preds"]
 
-    def __init__(self, cfg: BEVFormerConfig):
+    def __init__(self, cfg: BEVFormerConfig, detection: bool = True):
         super().__init__()
         self.config = cfg
         self.img_backbone = ResNet(cfg.backbone)
         self.img_neck = FPN(cfg.backbone.out_channels, cfg.neck)
         ref_cam, mask = rig_projection(cfg)
-        self.pts_bbox_head = BEVFormerHead(cfg, ref_cam, mask)
+        self.pts_bbox_head = BEVFormerHead(cfg, ref_cam, mask, detection)
 
     def rig_coverage(self) -> dict[str, float]:
         """Fraction of the BEV grid each camera of the rig sees."""
         from ...camera.rig import load_rig
         from ...camera.virtual_bev import camera_coverage
 
-        return camera_coverage(load_rig(self.config.rig), self.pts_bbox_head.transformer.encoder.bev_mask[:, 0].numpy())
+        head = self.pts_bbox_head
+        return camera_coverage(load_rig(head.cfg.rig), head.transformer.encoder.bev_mask[:, 0].numpy())
 
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
@@ -224,6 +261,10 @@ class BEVFormer(nn.Module):
         bs, n = img.shape[:2]
         feats = self.img_neck(self.img_backbone(img.flatten(0, 1)))
         return [f.view(bs, n, *f.shape[1:]) for f in feats]
+
+    def bev_features(self, img, can_bus, shift, prev_bev, use_prev_bev) -> torch.Tensor:
+        """The camera stream alone: the next frame's prev_bev, (bs, bev_h * bev_w, embed_dims)."""
+        return self.pts_bbox_head.bev_features(self.extract_feat(img), can_bus, prev_bev, shift, use_prev_bev)
 
     def forward(self, img, can_bus, shift, prev_bev, use_prev_bev):
         return self.pts_bbox_head(self.extract_feat(img), can_bus, prev_bev, shift, use_prev_bev)

@@ -113,15 +113,42 @@ class DetectionTransformerDecoder(nn.Module):
         return query, reference_points
 
 
-class PerceptionTransformer(nn.Module):
-    def __init__(self, cfg, reference_points_cam: torch.Tensor, bev_mask: torch.Tensor):
+class _Decoding:
+    """The DETR half of PerceptionTransformer (``decoder`` and ``reference_points``):
+    BEVFormer's own, and the detection head BEVFusion runs on the fused BEV."""
+
+    def _build_decoding(self, cfg) -> None:
+        self.decoder = DetectionTransformerDecoder(cfg)
+        self.reference_points = nn.Linear(cfg.embed_dims, 3)
+        self.embed_dims = cfg.embed_dims
+
+    def decode(self, bev_embed, object_query_embed, reg_branches, bev_shape):
+        bs = bev_embed.shape[0]
+        query_pos, query = torch.split(object_query_embed, self.embed_dims, dim=1)
+        query_pos = query_pos[None].expand(bs, -1, -1)
+        query = query[None].expand(bs, -1, -1)
+        reference_points = self.reference_points(query_pos).sigmoid()
+        return self.decoder(query.permute(1, 0, 2), query_pos.permute(1, 0, 2), bev_embed.permute(1, 0, 2),
+                            reference_points, reg_branches, bev_shape)
+
+
+class DecoderTransformer(_Decoding, nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self._build_decoding(cfg)
+
+
+class PerceptionTransformer(_Decoding, nn.Module):
+    """``decoder=False`` builds the BEV encoder alone (BEVFusion's camera stream)."""
+
+    def __init__(self, cfg, reference_points_cam: torch.Tensor, bev_mask: torch.Tensor, decoder: bool = True):
         super().__init__()
         c = cfg.embed_dims
         self.encoder = BEVFormerEncoder(cfg, reference_points_cam, bev_mask)
-        self.decoder = DetectionTransformerDecoder(cfg)
+        if decoder:
+            self._build_decoding(cfg)
         self.level_embeds = nn.Parameter(torch.zeros(cfg.num_feature_levels, c))
         self.cams_embeds = nn.Parameter(torch.zeros(cfg.num_cams, c))
-        self.reference_points = nn.Linear(c, 3)
         self.can_bus_mlp = nn.Sequential(nn.Linear(18, c // 2), nn.ReLU(inplace=True), nn.Linear(c // 2, c),
                                          nn.ReLU(inplace=True))
         self.can_bus_mlp.add_module("norm", nn.LayerNorm(c))
@@ -140,12 +167,3 @@ class PerceptionTransformer(nn.Module):
             shapes.append((int(h), int(w)))  # Python ints: constants of the traced graph
         feats = torch.cat(flat, 2).permute(0, 2, 1, 3)  # (N, L, bs, C)
         return self.encoder(bev_queries.expand(bs, -1, -1), feats, bev_pos, shapes, prev_bev, shift, use_prev_bev)
-
-    def decode(self, bev_embed, object_query_embed, reg_branches, bev_shape):
-        bs = bev_embed.shape[0]
-        query_pos, query = torch.split(object_query_embed, self.embed_dims, dim=1)
-        query_pos = query_pos[None].expand(bs, -1, -1)
-        query = query[None].expand(bs, -1, -1)
-        reference_points = self.reference_points(query_pos).sigmoid()
-        return self.decoder(query.permute(1, 0, 2), query_pos.permute(1, 0, 2), bev_embed.permute(1, 0, 2),
-                            reference_points, reg_branches, bev_shape)
