@@ -240,11 +240,13 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
             click.echo(f"{label}: worst output {worst['name']} SQNR {worst['sqnr_db']:.1f} dB, "
                        f"cosine {worst['cosine']:.5f}" + (f", mAP {task['mAP']:.4f}, NDS {task['NDS']:.4f}, "
                                                             f"mAOE {task['tp_errors']['mAOE']:.3f}" if task else "")
+                       + (f", occupancy mIoU {task['mIoU']:.4f}" if task and "mIoU" in task else "")
                        + (f", NDS {nds['NDS']:.4f}, mAP {nds['mAP']:.4f}" if nds else ""))
     if "task_map" in result.fidelity:
         f = result.fidelity["task_map"]["float"]
-        click.echo(f"float: mAP {f['mAP']:.4f}, NDS {f['NDS']:.4f}, mAOE {f['tp_errors']['mAOE']:.3f} "
-                   f"({result.fidelity['task_map']['scenes']} labelled synthetic scenes)")
+        click.echo(f"float: mAP {f['mAP']:.4f}, NDS {f['NDS']:.4f}, mAOE {f['tp_errors']['mAOE']:.3f}"
+                   + (f", occupancy mIoU {f['mIoU']:.4f}" if "mIoU" in f else "")
+                   + f" ({result.fidelity['task_map']['scenes']} labelled synthetic scenes)")
     if "task_nds" in result.fidelity:
         nds = result.fidelity["task_nds"]
         click.echo(f"float: NDS {nds['float']['NDS']:.4f}, mAP {nds['float']['mAP']:.4f} "

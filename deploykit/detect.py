@@ -107,6 +107,8 @@ class Prediction:
     warnings: list[str]
     engine_seconds: float
     preprocess_seconds: float
+    # A fused model's occupancy: class index per voxel (Dx, Dy, Dz) uint8, the argmax of its logits.
+    occupancy: np.ndarray | None = None
 
 
 class Predictor:
@@ -145,7 +147,12 @@ class Predictor:
             t0 = time.perf_counter()
             outputs = self.engine.run(feeds)
             engine_s = time.perf_counter() - t0
-        return Prediction(self.postprocess(cfg, outputs), points, warnings, engine_s, prep)
+        occupancy = None
+        if "occupancy" in outputs:
+            from .detection.occupancy import occupancy_argmax
+
+            occupancy = occupancy_argmax(outputs["occupancy"][0])
+        return Prediction(self.postprocess(cfg, outputs), points, warnings, engine_s, prep, occupancy)
 
 
 class _Timed:
@@ -228,6 +235,9 @@ def detect(model_dir: str | Path, inputs: str | Path, out: str | Path | None = N
             if pictures:
                 points = pred.points if pred.points is not None else frame_points(frame)
                 _picture(scratch, md.recipe, frame, points, shown, names)
+            if pred.occupancy is not None:
+                _write_occupancy(scratch, md.recipe, frame, pred.occupancy)
+                stats["occupancy_frames"] = stats.get("occupancy_frames", 0) + 1
 
         results = predict_frames(md.recipe, engine, frames, layout=md.layout, scale=md.scale, rig=rig, quiet=quiet,
                                  on_frame=on_frame)
@@ -282,6 +292,14 @@ def _bev_range(recipe: Recipe):
     return tuple(lidar.voxelization.point_cloud_range) if lidar else tuple(camera_config(recipe.model).pc_range)
 
 
+def _write_occupancy(scratch: Path, recipe: Recipe, frame, labels: np.ndarray) -> None:
+    """occupancy/<token>.npz: labels (Dx, Dy, Dz) in the LiDAR frame, with the grid and class names."""
+    occ = recipe.model.occ
+    (scratch / "occupancy").mkdir(exist_ok=True)
+    np.savez_compressed(scratch / "occupancy" / f"{frame.token}.npz", labels=labels,
+                        range=np.asarray(occ.range, np.float32), class_names=np.asarray(occ.class_names))
+
+
 def _summary(md: ModelDir, source, frames, stats, metrics, warnings, threshold, backend) -> dict:
     def ms(values):
         return {"mean": float(np.mean(values)), "p50": float(np.median(values))} if values else None
@@ -290,6 +308,8 @@ def _summary(md: ModelDir, source, frames, stats, metrics, warnings, threshold, 
             "frames": len(frames), "scenes": list(dict.fromkeys(f.scene for f in frames)),
             "engine_ms": ms(stats["engine_ms"]), "preprocess_ms": ms(stats["preprocess_ms"]),
             "score_threshold": threshold, "boxes_per_class": dict(sorted(stats["boxes"].items())),
+            **({"occupancy": {"frames": stats["occupancy_frames"], "dir": "occupancy/"}}
+               if stats.get("occupancy_frames") else {}),
             "metrics": None if metrics is None else {"mAP": metrics["mAP"], "NDS": metrics["NDS"]},
             "warnings": grouped(warnings)}
 
@@ -307,6 +327,9 @@ def summary_markdown(summary: dict, metrics: dict | None) -> str:
              "all):", "",
              markdown_table(["class", "boxes"], [[k, v] for k, v in summary["boxes_per_class"].items()] or
                             [["(none)", 0]]), ""]
+    if summary.get("occupancy"):
+        lines += [f"Occupancy of {summary['occupancy']['frames']} frames in `occupancy/<sample token>.npz` (labels "
+                  "(Dx, Dy, Dz) in the LiDAR frame, the grid range and class names).", ""]
     if metrics is not None:
         lines += ["## nuScenes detection metrics", "", render_markdown(metrics), ""]
     if summary["warnings"]:

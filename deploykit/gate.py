@@ -27,7 +27,7 @@ built in opposite orders.
 
 Fidelity is gated too when the candidate sits in a ``deploykit quantize``
 directory: the worst output SQNR may not drop by more than ``max_sqnr_drop_db``,
-nor the mAP by more than ``max_map_drop``. Deterministic, so no statistics.
+nor the mAP by more than ``max_map_drop`` (a fused model's occupancy mIoU: ``max_miou_drop``). Deterministic, so no statistics.
 """
 
 from __future__ import annotations
@@ -258,6 +258,8 @@ def fidelity_summary(report: dict, model_name: str) -> dict | None:
     out = {"configuration": key, "worst_sqnr_db": worst["sqnr_db"], "worst_output": worst["name"]}
     if "task_map" in report and key in report["task_map"]:
         out["mAP"] = report["task_map"][key]["mAP"]
+        if "mIoU" in report["task_map"][key]:  # a fused model's occupancy
+            out["occupancy mIoU"] = report["task_map"][key]["mIoU"]
     if "task_nds" in report and key in report["task_nds"]:  # the user's annotated data
         out["mAP"] = report["task_nds"][key]["mAP"]
         out["NDS"] = report["task_nds"][key]["NDS"]
@@ -288,10 +290,11 @@ def check_fidelity(base: dict | None, cand: dict | None, spec: GateSpec) -> list
         return []
     rows = [{"metric": "worst output SQNR (dB)", "baseline": base["worst_sqnr_db"],
              "candidate": cand["worst_sqnr_db"], "limit": base["worst_sqnr_db"] - spec.max_sqnr_drop_db}]
-    for metric in ("mAP", "NDS"):  # NDS: the same limit as mAP
+    limits = {"mAP": spec.max_map_drop, "NDS": spec.max_map_drop, "occupancy mIoU": spec.max_miou_drop}
+    for metric, drop in limits.items():  # NDS: the same limit as mAP
         if metric in base and metric in cand:
             rows.append({"metric": metric, "baseline": base[metric], "candidate": cand[metric],
-                         "limit": base[metric] - spec.max_map_drop})
+                         "limit": base[metric] - drop})
     for r in rows:
         r["passed"] = bool(r["candidate"] >= r["limit"])
     return rows

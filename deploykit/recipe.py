@@ -91,6 +91,7 @@ class GateSpec:
     # ...or its worst output SQNR fell by more than this many dB, or its mAP by more than this.
     max_sqnr_drop_db: float = 1.0
     max_map_drop: float = 0.01
+    max_miou_drop: float = 0.01
     # Interleaved rounds per measurement; an inconclusive verdict measures again, up to 3 times.
     rounds: int = 30
 

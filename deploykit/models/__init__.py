@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..detection import decode, evaluate
+from ..detection import decode, evaluate, fused_evaluate
 from . import bevformer, bevfusion, centerpoint_pillar
 
 
@@ -33,6 +33,9 @@ class Architecture:
     # (recipe, model, seeds) -> [(Sample, ground-truth Boxes, points per box)], where the
     # synthetic data has ground truth (deploykit.detection.evaluate); None where not.
     labelled_scenes: Callable[[Any, Any, Any], list] | None = None
+    # (recipe, labelled scenes, predict: feeds -> outputs) -> metrics (mAP, NDS, ... and for a
+    # fused model occupancy mIoU): how labelled_scenes are scored.
+    score: Callable[[Any, list, Callable], dict] = evaluate.evaluate
     # (module-path prefix, stage label) for the per-stage time breakdown (deploykit.profile)
     stages: tuple[tuple[str, str], ...] = ()
 
@@ -121,6 +124,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         synthetic_init=bevfusion.synthetic_init,
         decode=_fused_boxes,
         postprocess=_fused_detections,
+        labelled_scenes=fused_evaluate.labelled_scenes,
+        score=fused_evaluate.evaluate,
         stages=(("img_backbone", "camera stream"), ("img_neck", "camera stream"),
                 ("pts_bbox_head", "camera stream"), ("pts_voxel_encoder", "LiDAR stream"),
                 ("pts_middle_encoder", "LiDAR stream"), ("pts_backbone", "LiDAR stream"),

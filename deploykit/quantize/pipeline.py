@@ -303,10 +303,12 @@ def _suspect_warning(calib_set: CalibSet, suspects: list[str], report: dict) -> 
 def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations) -> dict:
     """nuScenes-style mAP of the float model and of each quantized configuration on
     the same held-out labelled scenes."""
-    from ..detection.evaluate import EVAL_SEED, evaluate
+    from ..detection.evaluate import EVAL_SEED
 
     n = recipe.quantize.eval_scenes
-    scenes = ARCHITECTURES[recipe.arch].labelled_scenes(recipe, model, range(EVAL_SEED, EVAL_SEED + n))
+    arch = ARCHITECTURES[recipe.arch]
+    evaluate = arch.score
+    scenes = arch.labelled_scenes(recipe, model, range(EVAL_SEED, EVAL_SEED + n))
     result = {"scenes": n, "first_seed": EVAL_SEED,
               "float": evaluate(recipe, scenes, lambda feeds: torch_outputs(model, feeds))}
     for key, names16 in configurations:
@@ -428,16 +430,30 @@ def _task_map_markdown(task: dict) -> list[str]:
 
     classes = list(task["float"]["per_class"])
     tp = list(task["float"].get("tp_errors", {}))
+    occ = "mIoU" in task["float"]
 
     def cell(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    rows = [[key.replace("_", " + "), f"{task[key]['mAP']:.4f}",
+    rows = [[key.replace("_", " + "), *([f"{task[key]['mIoU']:.4f}"] if occ else []), f"{task[key]['mAP']:.4f}",
              *(f"{task[key]['per_class'][c]['AP']:.4f}" for c in classes),
              *(cell(task[key].get("NDS")) for _ in ["NDS"] if tp), *(cell(task[key]["tp_errors"][e]) for e in tp)]
             for key in ("float", "int8", "int8_int16") if key in task]
-    return [f"## Task mAP on {task['scenes']} held-out synthetic scenes", "",
-            "nuScenes-style AP (centre distance 0.5/1/2/4 m, the recipe's NMS) against the scenes' ground truth.", "",
-            markdown_table(["model", "mAP", *(f"{c} AP" for c in classes), *(["NDS", *tp] if tp else [])], rows),
-            "", "NDS and the TP errors (translation, scale, orientation, velocity, attribute) come from the nuScenes "
-            "evaluation on the same boxes; the scenes are static, so AVE measures predicted speed.", ""]
+    lines = [f"## Task metrics on {task['scenes']} held-out synthetic scenes", "",
+             "nuScenes-style AP (centre distance 0.5/1/2/4 m, the recipe's NMS) against the scenes' ground truth.", "",
+             markdown_table(["model", *(["occupancy mIoU"] if occ else []), "mAP", *(f"{c} AP" for c in classes),
+                             *(["NDS", *tp] if tp else [])], rows),
+             "", "NDS and the TP errors (translation, scale, orientation, velocity, attribute) come from the nuScenes "
+             "evaluation on the same boxes; the scenes are static, so AVE measures predicted speed.", ""]
+    if occ:
+        names = list(task["float"]["occupancy"]["per_class"])
+
+        def iou(x):
+            return "n/a" if x is None else f"{x:.4f}"
+
+        rows = [[key.replace("_", " + "), *(iou(task[key]["occupancy"]["per_class"][n]) for n in names)]
+                for key in ("float", "int8", "int8_int16") if key in task]
+        lines += ["### Occupancy IoU per class", "",
+                  "Occ3D's metric (deploykit.detection.occupancy): one confusion histogram over every frame's voxels; "
+                  "mIoU over the classes but free.", "", markdown_table(["model", *names], rows), ""]
+    return lines
