@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_lidar_rewrites.py
 	$(PY) benchmarks/bench_msda.py
 	$(PY) benchmarks/bench_bevformer.py
+	$(PY) benchmarks/bench_bevfusion.py
+	$(PY) benchmarks/bench_normalise_points.py
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_tool.py
 

@@ -93,8 +93,11 @@ def check_rig(converted: Path, manifest: dict, rig: str | Path | None) -> None:
                          "the rig is built into the model; convert again with `deploykit convert --rig`")
 
 
-def default_calib_set(recipe: Recipe) -> Path:
-    """The recipe's bundled calibration set (synthetic), generated into .cache/ on first use."""
+def default_calib_set(recipe: Recipe, passes: list[str] | None = None) -> Path:
+    """The recipe's bundled calibration set (synthetic), generated into .cache/ on first use,
+    for a model converted with ``passes`` (default: the recipe's)."""
+    if passes is not None:
+        recipe = dataclasses.replace(recipe, convert=dataclasses.replace(recipe.convert, passes=tuple(passes)))
     spec = recipe.quantize
     # The passes decide the engine's pillar format (layout, normalisation), so they key the cache.
     passes = hashlib.sha256(",".join(recipe.convert.passes).encode()).hexdigest()[:8]
@@ -159,7 +162,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         check_rig(Path(converted), manifest, rig)
         recipe = converted_rig(recipe, Path(converted), manifest)  # as load_converted built the model
         target_outputs = _target_outputs(recipe, model)
-        calib_path = calib_path or default_calib_set(recipe)
+        calib_path = calib_path or default_calib_set(recipe, manifest["passes"])
         inputs = [{k: i[k] for k in ("name", "shape", "dtype", "scale") if k in i} for i in manifest["inputs"]]
         calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
         data = held_out(calib_set, recipe, manifest)
