@@ -82,3 +82,27 @@ def test_bench_groups_the_fused_engine_by_stream(fused_converted_dir):
     result = bench_model(fused_converted_dir / "model.onnx", warmup=1, iterations=3, stages=True)
     stages = {row["stage"] for row in result["stages"]}
     assert {"camera stream", "LiDAR stream", "fusion", "detection head", "occupancy head"} <= stages
+
+
+def test_int16_sensitive_quantize_labels_the_chosen_modules_by_stream(tmp_path, monkeypatch, fused_recipe,
+                                                                      fused_converted_dir):
+    """The pipeline hands the architecture's stage table to the search report (the search
+    itself, 116 modules measured, is replaced here by one that picks a LiDAR and a camera module)."""
+    from deploykit.quantize import pipeline
+    from deploykit.quantize.sensitivity import group_modules
+
+    def pick(qmodel, active, samples, references, **kwargs):
+        groups = group_modules(active)
+        chosen = [next(m for m in groups if m.startswith("pts_voxel_encoder.")),
+                  next(m for m in groups if m.startswith("pts_bbox_head.transformer.encoder."))]
+        modules = [ModuleSensitivity(m, groups[m], 30.0, 28.0, 1.0) for m in chosen]
+        return Search(27.0, modules, chosen=chosen, steps=[{"module": m, "worst_sqnr_db": 30.0} for m in chosen],
+                      target_db=kwargs["target_db"], budget=kwargs["budget"])
+
+    monkeypatch.setattr(pipeline, "search_int16", pick)
+    out = tmp_path / "q"
+    pipeline.quantize(fused_recipe, fused_converted_dir, out, int16_sensitive=True, quiet=True)
+    text = (out / "sensitivity.md").read_text()
+    assert "int16 modules per stage: LiDAR stream 1, camera stream 1." in text
+    stages = {m["stage"] for m in json.loads((out / "sensitivity.json").read_text())["modules"]}
+    assert stages == {"LiDAR stream", "camera stream"}
