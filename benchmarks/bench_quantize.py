@@ -26,6 +26,7 @@ from deploykit.quantize.pipeline import quantize  # noqa: E402
 from deploykit.report import ratio_rows_markdown  # noqa: E402
 
 DEFAULT_ROUNDS = {"centerpoint_pillar_small": 40, "centerpoint_pillar_synth": 40, "bevformer_small": 40,
+                  "bevfusion_small": 40,
                   "centerpoint_pillar_nus": 12, "bevformer_tiny": 8}
 # Recipes whose int16 set is chosen by measurement (--int16-sensitive) rather than by hand.
 INT16_SENSITIVE = {"centerpoint_pillar_synth"}
@@ -58,6 +59,8 @@ def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
             row.update({"worst_output": w["name"], "worst_sqnr_db": w["sqnr_db"], "worst_cosine": w["cosine"]})
         if "task_map" in fidelity:
             row["mAP"] = fidelity["task_map"][key]["mAP"]
+            if "mIoU" in fidelity["task_map"][key]:  # a fused model's occupancy
+                row["occupancy_mIoU"] = fidelity["task_map"][key]["mIoU"]
     return {"recipe": name, "rows": rows, "int16_sensitive": name in INT16_SENSITIVE,
             "int16_quantizers": json.loads((quant / "manifest.json").read_text())["quantizers"]["int16"],
             "eval_scenes": fidelity.get("task_map", {}).get("scenes")}
@@ -77,6 +80,8 @@ def to_markdown(report: dict) -> str:
                  "cosine": lambda x: f"{x['worst_cosine']:.5f}" if "worst_output" in x else ""}
         if r.get("eval_scenes"):
             extra["mAP"] = lambda x: f"{x['mAP']:.4f}"
+        if any("occupancy_mIoU" in x for x in r["rows"]):
+            extra["occupancy mIoU"] = lambda x: f"{x['occupancy_mIoU']:.4f}"
         how = "chosen by `--int16-sensitive`" if r.get("int16_sensitive") else "from the recipe's patterns"
         notes = [f"int16: {r.get('int16_quantizers', 0)} quantizers, {how}."]
         if r.get("eval_scenes"):
@@ -87,7 +92,8 @@ def to_markdown(report: dict) -> str:
 
 
 def main() -> None:
-    run(__doc__, "quantize", "centerpoint_pillar_synth,centerpoint_pillar_small,bevformer_small,centerpoint_pillar_nus",
+    run(__doc__, "quantize",
+        "centerpoint_pillar_synth,centerpoint_pillar_small,bevformer_small,bevfusion_small,centerpoint_pillar_nus",
         DEFAULT_ROUNDS, 10, bench_recipe, to_markdown)
 
 
