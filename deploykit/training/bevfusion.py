@@ -44,7 +44,17 @@ Losses, as the released heads train:
   weights 1 / log(frequency + 0.001), the frequencies counted over the pool's labels
   (FlashOcc hard-codes nuScenes'), averaged over voxels as mmdet's CrossEntropyLoss does.
   Free space is about three quarters of the voxels; the weights temper that without
-  the over-prediction of rare classes that inverse-frequency weights cause.
+  the over-prediction of rare classes that inverse-frequency weights cause. The loss is
+  scaled by ``occ_weight`` = 40: with weights between 1/16 and 1/8 and most voxels easy,
+  the per-voxel mean is a few hundred times smaller than the DETR losses, and the head
+  then learns little beyond the ground layers in the minutes this trains (trial runs,
+  scored on 20 held-out scenes: weight 1 predicted no object voxels at all, 10 left
+  pedestrians at IoU 0.0, 20 at 0.16, 40 reached 0.30 with detection mAP unharmed).
+
+Heading: the synthetic boxes are plain cuboids at uniformly random yaw, so a box and its
+180-degree turn give the same points; no model can tell the front from the back, and
+nuScenes' orientation error (mAOE, full circle for these classes) stays near pi / 2 however
+well the box axis is found. NDS is capped accordingly.
 
 AdamW with BEVFormer's linear warm-up (from a third of the rate) and cosine decay, and
 its gradient clipping (max norm 35).
@@ -84,13 +94,13 @@ COST_CODE = 8
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 4
-    scenes: int = 400
+    scenes: int = 400  # ray-cast pool; each step augments draws from it
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 100
     min_lr_ratio: float = 1e-3
     grad_clip: float = 35.0
-    occ_weight: float = 1.0
+    occ_weight: float = 40.0
     seed: int = 0
     threads: int = 2
     log_every: int = 50
@@ -294,7 +304,8 @@ def forward_batch(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torc
     return model.heads(model.fuse(batch.camera_bev, lidar))
 
 
-def losses(model, batch: Batch, class_weights: torch.Tensor, occ_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def losses(model, batch: Batch, class_weights: torch.Tensor,
+           occ_weight: float = TrainConfig.occ_weight) -> dict[str, torch.Tensor]:
     cls_scores, bbox_preds, occupancy = forward_batch(model, batch)
     out = detection_loss(cls_scores, bbox_preds, batch.det, model.det_head.code_weights)
     out["occ"] = occ_weight * occupancy_loss(occupancy, batch.occupancy, class_weights)
