@@ -35,6 +35,7 @@ GATED = {
     "centerpoint_pillar_small": ["model.onnx"],
     "bevformer_small": ["model.onnx"],
     "centerpoint_pillar_synth": ["model.onnx", "model.qdq.onnx"],  # the deployed int8 + int16 model
+    "bevfusion_small": ["model.onnx", "model.qdq.onnx"],  # both streams, fusion, DETR and occupancy heads
 }
 
 
