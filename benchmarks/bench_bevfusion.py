@@ -111,8 +111,8 @@ def to_markdown(report: dict) -> str:
     out = ["# BEVFusion on ONNX Runtime (CPU): converted vs naive export", "",
            f"Measured {report['date']} by `benchmarks/bench_bevfusion.py` on {m['cpu']}, {m['cores']} cores, "
            f"{m['memory_gib']} GiB, {m['os']}; ONNX Runtime {report['versions']['onnxruntime']}, torch "
-           f"{report['versions']['torch']}, {report['threads']} intra-op threads. Synthetic weights; input: a frame "
-           "with a previous BEV. Whole model: the two engines interleaved in one process, ratio = median latency / "
+           f"{report['versions']['torch']}, {report['threads']} intra-op threads. The recipe's bundled weights; "
+           "input: a frame with a previous BEV. Whole model: the two engines interleaved in one process, ratio = median latency / "
            "median of the naive export, 95% bootstrap interval. Per stage: median of ONNX Runtime node profiles "
            "(kernel time per run) grouped by stage; in the converted model the custom ops (MSDA, pillar scatter) "
            "are their own row, the time a plugin replaces.", ""]
