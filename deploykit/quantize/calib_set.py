@@ -207,8 +207,9 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
     if samples < 1:
         raise InputError("--samples must be at least 1")
     camera, lidar = camera_config(recipe.model), lidar_config(recipe.model)
-    # The engine's input layout depends on the passes, not on the weights.
-    layout = pillar_format(apply_passes(build_model(recipe), recipe.convert.passes)) if lidar else None
+    # The engine's pillar format (layout, normalisation) depends on the passes, not on the weights.
+    model = apply_passes(build_model(recipe), recipe.convert.passes)
+    layout = pillar_format(model) if lidar else None
     if camera is not None:
         rows = []
         for s in range(-(-samples // frames_per_scene)):
@@ -218,10 +219,8 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
                 rows.append(({"img": frame.img, "can_bus": frame.can_bus, **sweep}, frame.scene, frame.index))
         return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite,
                                pillar_scale=layout[1] if layout else None)
-    model = apply_passes(build_model(recipe), recipe.convert.passes)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
-    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite,
-                           pillar_scale=pillar_format(model)[1])
+    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite, pillar_scale=layout[1])
 
 
 def calib(recipe, out: str | Path, *, source: str | Path | None = None, samples: int = 16, frames_per_scene: int = 4,
