@@ -442,7 +442,8 @@ def _task_map_markdown(task: dict) -> list[str]:
              *(f"{task[key]['per_class'][c]['AP']:.4f}" for c in classes),
              *(cell(task[key].get("NDS")) for _ in ["NDS"] if tp), *(cell(task[key]["tp_errors"][e]) for e in tp)]
             for key in ("float", "int8", "int8_int16") if key in task]
-    lines = [f"## Task metrics on {task['scenes']} held-out synthetic scenes", "",
+    title = "Task mAP and occupancy mIoU" if occ else "Task mAP"
+    lines = [f"## {title} on {task['scenes']} held-out synthetic scenes", "",
              "nuScenes-style AP (centre distance 0.5/1/2/4 m, the recipe's NMS) against the scenes' ground truth.", "",
              markdown_table(["model", *(["occupancy mIoU"] if occ else []), "mAP", *(f"{c} AP" for c in classes),
                              *(["NDS", *tp] if tp else [])], rows),
