@@ -33,6 +33,8 @@ import torch
 from onnx import TensorProto, helper
 
 from .autograd import recompute_backward, save_inputs
+from .onnx_builder import attribute_constant as attr_const
+from .onnx_builder import int64_constant as const
 
 OP_TYPE = "BEVPool"
 DOMAIN = "deploykit"
@@ -124,14 +126,6 @@ def onnx_function(opset: int) -> onnx.FunctionProto:
     if opset < 16:
         raise ValueError("BEVPool's ONNX function needs opset >= 16 (ScatterND reduction)")
     i64 = TensorProto.INT64
-
-    def const(name: str, values: list[int]) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, i64, [len(values)], values))
-
-    def attr_const(name: str, attr: str) -> onnx.NodeProto:
-        node = helper.make_node("Constant", [], [name])
-        node.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
-        return node
 
     nodes = [
         attr_const("Z0", "bev_z"), attr_const("Y0", "bev_y"), attr_const("X0", "bev_x"),

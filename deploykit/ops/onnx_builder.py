@@ -35,3 +35,16 @@ class NodeBuilder:
         tensor = numpy_helper.from_array(np.asarray(values, dtype=dtype), out)
         self.nodes.append(helper.make_node("Constant", [], [out], name=self._name("Constant"), value=tensor))
         return out
+
+
+def int64_constant(name: str, values: list[int]) -> onnx.NodeProto:
+    """A Constant node with output ``name``: a rank-1 int64 tensor, for hand-written function bodies."""
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64,
+                                                                            [len(values)], values))
+
+
+def attribute_constant(name: str, attr: str) -> onnx.NodeProto:
+    """A Constant node with output ``name`` holding the function's int attribute ``attr`` (a scalar)."""
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
+    return node

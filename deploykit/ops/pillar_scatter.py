@@ -23,6 +23,8 @@ import torch
 from onnx import TensorProto, helper
 
 from .autograd import recompute_backward, save_inputs
+from .onnx_builder import attribute_constant as attr_const
+from .onnx_builder import int64_constant as const
 
 OP_TYPE = "PillarScatter"
 DOMAIN = "deploykit"
@@ -76,14 +78,6 @@ def onnx_function(opset: int) -> onnx.FunctionProto:
     if opset < 16:
         raise ValueError("PillarScatter's ONNX function needs opset >= 16 (ScatterElements reduction)")
     i64 = TensorProto.INT64
-
-    def const(name: str, values: list[int]) -> onnx.NodeProto:
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, i64, [len(values)], values))
-
-    def attr_const(name: str, attr: str) -> onnx.NodeProto:
-        node = helper.make_node("Constant", [], [name])
-        node.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
-        return node
 
     nodes = [
         attr_const("H0", "height"),  # value_int gives a scalar; Concat below needs rank 1
