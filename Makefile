@@ -45,6 +45,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_msda.py
 	$(PY) benchmarks/bench_bevformer.py
 	$(PY) benchmarks/bench_bevfusion.py
+	$(PY) benchmarks/bench_bev_pool.py
+	$(PY) benchmarks/bench_deform_conv.py
+	$(PY) benchmarks/bench_bevdepth.py
 	$(PY) benchmarks/bench_normalise_points.py
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_tool.py

@@ -36,6 +36,7 @@ GATED = {
     "bevformer_small": ["model.onnx"],
     "centerpoint_pillar_synth": ["model.onnx", "model.qdq.onnx"],  # the deployed int8 + int16 model
     "bevfusion_small": ["model.onnx", "model.qdq.onnx"],  # both streams, fusion, DETR and occupancy heads
+    "bevdepth_small": ["model.onnx"],  # LSS with the two BEVPool nodes, ONNX DeformConv, two key frames
 }
 
 

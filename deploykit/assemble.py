@@ -187,7 +187,7 @@ def _gap_lines(missing: list[str], shapes: list[tuple]) -> list[str]:
     for key, got, want in shapes[:4]:
         lines.append(f"  shape: {key} ({stream_of(key)}) is {list(got)} in the checkpoint, the recipe builds "
                      f"{list(want)}")
-    hints = {h for key, got, _ in shapes if (h := _size_hint(key, got))}
+    hints = {h for key, got, want in shapes if (h := _size_hint(key, got, want))}
     lines += [f"  {h.replace('[model]', '[model.camera]')}" for h in sorted(hints)]
     return lines
 

@@ -28,7 +28,8 @@ KNOWN_LAYOUTS: dict[str, tuple[str, ...]] = {
     "deploykit BEVFusion (camera + LiDAR streams, fusion_module, det_head, occ_head)": ("fusion_module.",),
     "BEVFormer (img_backbone + pts_bbox_head.transformer)": ("pts_bbox_head.transformer.",),
     "BEVFusion, MIT layout (encoders/fuser/decoder/heads)": ("encoders.camera.", "encoders.lidar."),
-    "BEVDepth / LSS (img_view_transformer)": ("img_view_transformer.",),
+    "BEVDepth, Megvii layout (backbone.depth_net + head.trunk)": ("backbone.depth_net.", "head.trunk."),
+    "BEVDet / mmdet3d LSS (img_view_transformer)": ("img_view_transformer.",),
     "CenterPoint with sparse voxels (pts_middle_encoder.conv_input)": ("pts_middle_encoder.conv_input.",),
     "CenterPoint-PointPillars (pts_voxel_encoder.pfn_layers)": ("pts_voxel_encoder.pfn_layers.",),
     "mmdet3d PointPillars / VoxelNet (voxel_encoder + bbox_head)": ("voxel_encoder.pfn_layers.",),
@@ -118,9 +119,11 @@ def extract_state_dict(obj: Any, source: Path | str = "checkpoint") -> tuple[dic
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CheckpointError(f"{source} contains no tensors; is it a training log or config?")
-    # DistributedDataParallel wraps the model and prefixes every key.
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    # DistributedDataParallel wraps the model and prefixes every key; a PyTorch Lightning
+    # module holding the network as ``self.model`` (BEVDepth's releases) prefixes "model.".
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state, _plain(meta)
 
 
@@ -169,9 +172,13 @@ def guess_layout(keys: list[str] | set[str]) -> str | None:
 
 def load_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], *, source: str, recipe: str) -> KeyReport:
     """Load ``state`` into ``model`` or raise one error listing every problem."""
-    report = compare_keys(state, model.state_dict())
+    expected = model.state_dict()
+    report = compare_keys(state, expected)
     if not report.ok:
         raise CheckpointError(format_key_report(report, state, source=source, recipe=recipe))
+    values = lss_value_hints(state, expected)
+    if values:
+        raise CheckpointError(f"checkpoint {source} does not fit recipe {recipe}: " + "; ".join(values))
     model.load_state_dict(state, strict=True)
     return report
 
@@ -193,7 +200,7 @@ def format_key_report(report: KeyReport, state: dict, *, source: str, recipe: st
             lines.append(f"  {title}: {shown}{more}")
     for key, got, want in report.mismatched[:MAX_LISTED]:
         lines.append(f"  shape: {key} is {list(got)} in the checkpoint, the recipe builds {list(want)}")
-    hints = [h for key, got, _ in report.mismatched if (h := _size_hint(key, got))]
+    hints = [h for key, got, want in report.mismatched if (h := _size_hint(key, got, want))]
     lines += [f"  {h}" for h in dict.fromkeys(hints)]
     if report.mismatched and report.matched and not hints:
         lines.append("  a shape mismatch usually means the recipe's sizes differ from the training config "
@@ -211,7 +218,39 @@ _SIZE_KEYS = (
 )
 
 
-def _size_hint(key: str, got: tuple) -> str | None:
+# BEVDepth: buffers and layers whose shape is set by a bound or size (key suffix, dim, advice).
+_LSS_KEYS = (
+    ("backbone.frustum", 0, "the checkpoint has {n} depth bins: set [model] d_bound so that "
+                            "arange(d_bound) gives {n} (the release: [2.0, 58.0, 0.5] = 112)"),
+    ("depth_net.depth_conv.5.weight", 0, "the checkpoint's DepthNet predicts {n} depth bins: set [model] d_bound "
+                                         "to give {n} bins"),
+    ("backbone.frustum", 1, "the checkpoint's feature map has {n} rows: [model] image_size[0] / "
+                            "downsample_factor must be {n}"),
+    ("backbone.frustum", 2, "the checkpoint's feature map has {n} columns: [model] image_size[1] / "
+                            "downsample_factor must be {n}"),
+    ("head.trunk.conv1.weight", 1, "the checkpoint's BEV trunk takes {n} channels: output_channels x keys "
+                                   "must be {n}"),
+)
+
+
+def lss_value_hints(state: dict, expected: dict) -> list[str]:
+    """BEVDepth's grid buffers have fixed shapes: a different BEV grid shows in their values."""
+    hints = []
+    for key, field_names in (("backbone.voxel_num", "x_bound / y_bound / z_bound"),
+                             ("backbone.voxel_size", "the third entry of x_bound / y_bound / z_bound"),
+                             ("backbone.voxel_coord", "x_bound / y_bound / z_bound")):
+        got, want = state.get(key), expected.get(key)
+        if got is not None and want is not None and got.shape == want.shape and not torch.allclose(
+                got.double(), want.double(), atol=1e-6):
+            hints.append(f"{key} is {got.tolist()} in the checkpoint, the recipe builds {want.tolist()}: set [model] "
+                         f"{field_names} to the checkpoint's grid")
+    return hints
+
+
+def _size_hint(key: str, got: tuple, want: tuple) -> str | None:
+    for suffix, dim, text in _LSS_KEYS:
+        if key.endswith(suffix) and len(got) == len(want) and got[dim] != want[dim]:
+            return text.format(n=got[dim])
     for suffix, dim, name in _SIZE_KEYS:
         if key.endswith(suffix):
             return f"the checkpoint was trained with {name} = {got[dim]}: set [model] {name} = {got[dim]} in the recipe"

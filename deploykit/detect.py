@@ -123,9 +123,9 @@ class Predictor:
         self.postprocess = ARCHITECTURES[recipe.arch].postprocess
         self.camera = camera_config(recipe.model) is not None
         if self.camera:
-            from .temporal.runner import SequenceRunner
+            from .temporal import sequence_runner
 
-            self.runner = SequenceRunner(_Timed(engine), camera_config(recipe.model))
+            self.runner = sequence_runner(recipe.model, _Timed(engine))
 
     def __call__(self, frame) -> Prediction:
         from .data.sources import lidar_feeds, runner_frame
@@ -166,6 +166,13 @@ class _Timed:
         return out
 
 
+def box_frame_to_ego(recipe: Recipe, frame) -> np.ndarray:
+    """(4, 4) from the frame the model's boxes are in to the ego frame."""
+    from .models import ARCHITECTURES
+
+    return np.eye(4) if ARCHITECTURES[recipe.arch].box_frame == "ego" else frame.lidar2ego
+
+
 def frame_points(frame) -> np.ndarray | None:
     """A camera frame's LiDAR sweep where the dataset has one, to draw under the boxes."""
     if frame.lidar is None or not frame.lidar.path.is_file():
@@ -185,7 +192,8 @@ def predict_frames(recipe: Recipe, engine, frames, *, layout: str = "PNC", scale
     results = {}
     for frame in track(frames, description, quiet=quiet, total=len(frames)):
         pred = predictor(frame)
-        results[frame.token] = boxes_to_nuscenes(pred.boxes, names, frame.token, frame.lidar2ego, frame.ego2global)
+        results[frame.token] = boxes_to_nuscenes(pred.boxes, names, frame.token, box_frame_to_ego(recipe, frame),
+                                                 frame.ego2global)
         if on_frame is not None:
             on_frame(frame, pred)
     return results
@@ -274,12 +282,17 @@ def _picture(scratch: Path, recipe: Recipe, frame, points, shown, names) -> None
     from .detection.bev_picture import bev_picture
     from .detection.submission import annotations_to_boxes
 
+    to_ego = box_frame_to_ego(recipe, frame)
+    if points is not None and to_ego is not frame.lidar2ego:
+        # LiDAR points under boxes in the ego frame (BEVDepth)
+        points = points.copy()
+        points[:, :3] = points[:, :3] @ frame.lidar2ego[:3, :3].T + frame.lidar2ego[:3, 3]
     gt = None
     if frame.annotations is not None:
-        gt = annotations_to_boxes(frame.annotations, names, frame.lidar2ego, frame.ego2global)
+        gt = annotations_to_boxes(frame.annotations, names, to_ego, frame.ego2global)
     folder = scratch / "bev"
     folder.mkdir(exist_ok=True)
-    forward = frame.lidar2ego[:3, :3].T @ np.array([1.0, 0.0, 0.0])  # the ego's x axis in the LiDAR frame
+    forward = to_ego[:3, :3].T @ np.array([1.0, 0.0, 0.0])  # the ego's x axis in the boxes' frame
     bev_picture(folder / f"{frame.scene}_{frame.index:04d}.png", points=points, boxes=shown, gt=gt,
                 point_cloud_range=_bev_range(recipe), class_names=names, ego_heading=float(np.arctan2(*forward[1::-1])),
                 title=f"{frame.scene} frame {frame.index} ({frame.token})")

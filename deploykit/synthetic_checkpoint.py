@@ -48,8 +48,12 @@ def synthetic_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
 
 
 def write_synthetic_checkpoint(recipe: Recipe, seed: int, path: Path) -> Path:
+    from .models import ARCHITECTURES
+
     state = synthetic_state_dict(recipe, seed)
-    payload = {"meta": {"recipe": recipe.name, "seed": seed, "synthetic": True}, "state_dict": state}
+    meta = {"recipe": recipe.name, "seed": seed, "synthetic": True}
+    layout = ARCHITECTURES[recipe.arch].release_layout
+    payload = layout(state, meta) if layout else {"meta": meta, "state_dict": state}
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
     return path

@@ -159,3 +159,21 @@ def fused_quantized_dir(tmp_path_factory, fused_recipe, fused_converted_dir):
     out = tmp_path_factory.mktemp("quantize") / "bevfusion_small"
     quantize(fused_recipe, fused_converted_dir, out, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def lss_recipe():
+    return load_recipe("bevdepth_small")
+
+
+@pytest.fixture(scope="session")
+def lss_model(lss_recipe):
+    model, _, _ = load_model(lss_recipe, None)
+    return model
+
+
+@pytest.fixture(scope="session")
+def lss_converted_dir(tmp_path_factory, lss_recipe):
+    out = tmp_path_factory.mktemp("convert") / "bevdepth_small"
+    convert(lss_recipe, out, standard_ops=True, quiet=True)
+    return out

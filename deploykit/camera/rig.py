@@ -47,6 +47,9 @@ class CameraRig:
     name: str
     image_size: tuple[int, int]  # (H, W) of the raw camera images
     cameras: tuple[Camera, ...]
+    # (4, 4) LiDAR frame -> ego frame (nuScenes' LIDAR_TOP calibrated_sensor), or None when
+    # the rig does not say: models that predict in the ego frame (BEVDepth) need it.
+    lidar2ego: np.ndarray | None = None
 
     @property
     def names(self) -> list[str]:
@@ -73,12 +76,32 @@ def load_rig(name_or_path: str | Path) -> CameraRig:
     try:
         data = json.loads(path.read_text())
         cameras = tuple(_camera(c, path) for c in data["cameras"])
-        rig = CameraRig(str(data["name"]), tuple(int(v) for v in data["image_size"]), cameras)
+        rig = CameraRig(str(data["name"]), tuple(int(v) for v in data["image_size"]), cameras, _lidar2ego(data, path))
     except (KeyError, TypeError, ValueError) as exc:
         raise RigError(f"{path}: malformed rig ({type(exc).__name__}: {exc}); see calib/rigs/README.md") from None
     if len(set(rig.names)) != len(rig.names):
         raise RigError(f"{path}: camera names repeat: {rig.names}")
     return rig
+
+
+def _lidar2ego(data: dict, path: Path) -> np.ndarray | None:
+    if "lidar2ego_rotation" not in data and "lidar2ego_translation" not in data:
+        return None
+    r = np.asarray(data["lidar2ego_rotation"], dtype=np.float64)
+    t = np.asarray(data["lidar2ego_translation"], dtype=np.float64)
+    if r.shape != (3, 3) or t.shape != (3,):
+        raise RigError(f"{path}: lidar2ego_rotation must be a 3x3 matrix and lidar2ego_translation a 3-vector")
+    _check_rotation(r, path, "lidar2ego_rotation")
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = r, t
+    return out
+
+
+def _check_rotation(r: np.ndarray, path: Path, what: str) -> None:
+    # The extrinsics are inverted to project: they must be a proper rotation.
+    if not np.isfinite(r).all() or abs(np.linalg.det(r) - 1.0) > 1e-3 or not np.allclose(r @ r.T, np.eye(3), atol=1e-3):
+        raise RigError(f"{path}: {what} is not a rotation (det {np.linalg.det(r):.4f}); extrinsics must be "
+                       "orthonormal with determinant 1")
 
 
 def _camera(data: dict, path: Path) -> Camera:
@@ -92,12 +115,7 @@ def _camera(data: dict, path: Path) -> Camera:
         raise RigError(f"{path}: camera {name} has non-finite calibration values")
     if k[0, 0] <= 0 or k[1, 1] <= 0 or k[2, 2] != 1 or k[2, 0] != 0 or k[2, 1] != 0:
         raise RigError(f"{path}: camera {name} cam_intrinsic must be [[fx,0,cx],[0,fy,cy],[0,0,1]] with fx, fy > 0")
-    # The extrinsics are inverted to project: they must be a proper rotation.
-    if abs(np.linalg.det(r) - 1.0) > 1e-3 or not np.allclose(r @ r.T, np.eye(3), atol=1e-3):
-        raise RigError(
-            f"{path}: camera {name} sensor2lidar_rotation is not a rotation (det {np.linalg.det(r):.4f}); "
-            "extrinsics must be orthonormal with determinant 1"
-        )
+    _check_rotation(r, path, f"camera {name} sensor2lidar_rotation")
     return Camera(name, k, r, t)
 
 

@@ -49,6 +49,9 @@ def rig_from_nuscenes(dataroot: str | Path | NuScenesLayout, scene: str, *, name
                         "converter computes them. LiDAR frame: nuScenes LIDAR_TOP, x right, y forward, z up."),
         "image_size": [int(height), int(width)],
         "cameras": cameras,
+        # For models that predict in the ego frame (BEVDepth): the LiDAR's mounting.
+        "lidar2ego_rotation": frame.lidar.sensor2ego[:3, :3].tolist(),
+        "lidar2ego_translation": frame.lidar.sensor2ego[:3, 3].tolist(),
     }
 
 

@@ -182,7 +182,12 @@ def runner_frame(frame: SensorFrame, cfg, rig, layout: str = "PNC", scale=None):
     """(the temporal runner's Frame, LiDAR points or None, warnings) of one frame for a
     camera model: for a fused one (camera + LiDAR) the Frame also carries the sweep's pillars."""
     from ..models import camera_config, lidar_config
+    from ..models.bevdepth import BEVDepthConfig
 
+    if isinstance(cfg, BEVDepthConfig):
+        from .lss_images import ida_warnings, key_frame
+
+        return key_frame(frame, cfg, rig), None, ida_warnings(cfg, rig.image_size)
     f = camera_frame(frame, camera_config(cfg), rig)
     lidar = lidar_config(cfg)
     if lidar is None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..detection import decode, evaluate, fused_evaluate
-from . import bevformer, bevfusion, centerpoint_pillar
+from . import bevdepth, bevformer, bevfusion, centerpoint_pillar
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,11 @@ class Architecture:
     score: Callable[[Any, list, Callable], dict] = evaluate.evaluate
     # (module-path prefix, stage label) for the per-stage time breakdown (deploykit.profile)
     stages: tuple[tuple[str, str], ...] = ()
+    # (state dict, meta) -> the object a release file holds, for synthetic checkpoints in the
+    # release's own layout (default: mmcv's {"meta", "state_dict"})
+    release_layout: Callable[[dict, dict], dict] | None = None
+    # The frame the boxes come out in: "lidar" (mmdet3d models, BEVFormer) or "ego" (BEVDepth).
+    box_frame: str = "lidar"
 
 
 def pillar_format(model) -> tuple[str, Any]:
@@ -89,6 +94,12 @@ def _fused_boxes(cfg, outputs):
     return decode.decode_centerpoint(cfg.detection, outputs)
 
 
+def _lss_sample(cfg, seed, model):
+    from ..preprocess.lss_inputs import sample_inputs
+
+    return sample_inputs(cfg, seed, model)
+
+
 def _centerpoint_init(model, cfg, gen):
     for task in model.pts_bbox_head.task_heads:
         task.heatmap[-1].bias.data.fill_(cfg.head.init_bias)
@@ -132,12 +143,26 @@ ARCHITECTURES: dict[str, Architecture] = {
                 ("pts_neck", "LiDAR stream"), ("fusion_module", "fusion"), ("det_head", "detection head"),
                 ("occ_head", "occupancy head")),
     ),
+    "bevdepth": Architecture(
+        config=bevdepth.BEVDepthConfig,
+        build=bevdepth.BEVDepth,
+        make_sample=_lss_sample,
+        synthetic_init=bevdepth.synthetic_init,
+        decode=decode.decode_centerpoint,
+        postprocess=evaluate.centerpoint_detections,
+        stages=(("backbone/img_backbone", "image backbone"), ("backbone/img_neck", "image neck"),
+                ("backbone/depth_net", "depth net"), ("pool_key", "view transform"), ("pool_prev", "view transform"),
+                ("head/trunk", "BEV backbone"), ("head/neck", "BEV neck"), ("head", "heads")),
+        release_layout=bevdepth.lightning_checkpoint,
+        box_frame="ego",
+    ),
 }
 
 
 def camera_config(cfg):
-    """The camera stream's BEVFormerConfig of a model config, or None (a LiDAR-only model)."""
-    if isinstance(cfg, bevformer.BEVFormerConfig):
+    """The camera stream's config of a model config (a BEVFormerConfig, or BEVDepth's own),
+    or None (a LiDAR-only model): its rig, image size and normalisation."""
+    if isinstance(cfg, (bevformer.BEVFormerConfig, bevdepth.BEVDepthConfig)):
         return cfg
     return getattr(cfg, "camera", None)
 

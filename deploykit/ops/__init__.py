@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import bev_pool, multi_scale_deformable_attn, pillar_scatter
+from . import bev_pool, deform_conv, multi_scale_deformable_attn, pillar_scatter
 
 DOMAIN = "deploykit"
 OPSET_VERSION = 1
@@ -24,4 +24,5 @@ CUSTOM_OPS: dict[str, ModuleType] = {
     pillar_scatter.OP_TYPE: pillar_scatter,
     multi_scale_deformable_attn.OP_TYPE: multi_scale_deformable_attn,
     bev_pool.OP_TYPE: bev_pool,
+    deform_conv.OP_TYPE: deform_conv,
 }

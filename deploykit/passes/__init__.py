@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..errors import RecipeError
-from . import (max_to_maxpool, msda_op, normalise_points, pfn_linear_to_conv, pillar_scatter_op, pillars_on_w,
-               sca_virtual_bev, tsa_mean_to_conv)
+from . import (bev_pool_op, camera_mlp_fold, deform_conv_op, max_to_maxpool, msda_op, normalise_points,
+               pfn_linear_to_conv, pillar_scatter_op, pillars_on_w, sca_virtual_bev, tsa_mean_to_conv)
 
 Pass = Callable[[nn.Module], nn.Module]
 
@@ -28,6 +28,9 @@ PASSES: dict[str, Pass] = {
     "tsa_mean_to_conv": tsa_mean_to_conv.apply,
     "sca_virtual_bev": sca_virtual_bev.apply,
     "msda_op": msda_op.apply,
+    "camera_mlp_fold": camera_mlp_fold.apply,
+    "bev_pool_op": bev_pool_op.apply,
+    "deform_conv_op": deform_conv_op.apply,
 }
 
 

@@ -6,10 +6,11 @@
 
 For pillar models the inputs are the converted engine's feeds (``pillars``,
 ``coords``). For temporal camera models a sample holds what a camera frame
-brings (``img``, the raw ``can_bus``): ``prev_bev``, ``shift`` and the rest
+brings (``img`` and its pose: BEVFormer's raw ``can_bus``, BEVDepth's
+``ego2global``): the previous BEV, the previous key frame's depth and the rest
 are state, produced while calibrating by running the frames of each scene in
-order (deploykit.temporal.runner), so samples are ordered and carry their
-scene id and index within the scene.
+order (deploykit.temporal), so samples are ordered and carry their scene id and
+index within the scene.
 
 Everything is validated on load, naming the file: wrong recipe, missing or
 extra arrays, shapes or dtypes that differ from the index, NaN or Inf, and a
@@ -30,8 +31,6 @@ from ..errors import InputError
 
 FORMAT = 1
 INDEX = "calib.json"
-# Engine inputs a temporal model's runner makes from the previous frames, never stored.
-TEMPORAL_STATE = ("shift", "prev_bev", "use_prev_bev")
 
 
 @dataclass(frozen=True)
@@ -121,10 +120,13 @@ def write_calib_set(out: Path, recipe: str, samples: list[tuple[dict[str, np.nda
     return out
 
 
-def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] | None = None) -> CalibSet:
+def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] | None = None,
+                   runner: type | None = None) -> CalibSet:
     """Open and validate a calibration set's index. ``recipe`` and ``inputs``
     (name/shape/dtype, e.g. from a converted model's manifest) are what the set
-    must match; samples themselves are validated as they are read."""
+    must match; samples themselves are validated as they are read. ``runner``: the
+    temporal model's runner type (deploykit.temporal.runner_type), whose state inputs a
+    temporal set does not store (default: BEVFormer's)."""
     path = Path(path)
     index = path / INDEX
     if not index.is_file():
@@ -144,28 +146,33 @@ def load_calib_set(path: Path, *, recipe: str | None = None, inputs: list[dict] 
         raise InputError(f"calibration set {path} was made for recipe {meta.get('recipe')!r}, not {recipe!r}; "
                          f"make one for {recipe} with `deploykit calib --recipe {recipe} --out DIR`")
     if inputs is not None:
-        _check_spec(path, spec, inputs, bool(meta.get("temporal")))
+        _check_spec(path, spec, inputs, bool(meta.get("temporal")), runner)
         _check_scale(path, meta.get("pillar_scale"), inputs)
     _check_order(path, entries)
     return CalibSet(path, str(meta.get("recipe")), spec, bool(meta.get("temporal")), entries, meta.get("source"))
 
 
-def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool) -> None:
+def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool, runner: type | None = None) -> None:
     want = {i["name"]: i for i in inputs}
     if temporal:
-        # A frame's CAN bus is the raw absolute one, kept in float64 (global positions
-        # in metres need it); the engine's relative float32 (1, 18) is made from it.
-        # The rest of the temporal state is made while calibrating; other inputs (a fused
-        # model's pillars) come with each frame.
-        want = {**{k: v for k, v in want.items() if k not in TEMPORAL_STATE},
-                "can_bus": {"name": "can_bus", "shape": [18], "dtype": "float64"}}
+        # A frame's pose is stored instead of the state made from it while calibrating
+        # (BEVFormer: the raw absolute CAN bus in float64, global positions need it; the
+        # engine's relative one is made from it). Other inputs (a fused model's pillars)
+        # come with each frame.
+        if runner is None:
+            from ..temporal.runner import SequenceRunner as runner
+        pose, shape, dtype = runner.pose_input
+        want = {**{k: v for k, v in want.items() if k not in runner.state_inputs},
+                pose: {"name": pose, "shape": shape, "dtype": dtype}}
     got = {i["name"]: i for i in spec}
     for name, w in want.items():
         g = got.get(name)
-        if g is None or list(g["shape"]) != list(w["shape"]) or g["dtype"] != w["dtype"]:
+        shape_differs = g is not None and w["shape"] is not None and list(g["shape"]) != list(w["shape"])
+        if g is None or shape_differs or g["dtype"] != w["dtype"]:
             have = f"{g['dtype']}{list(g['shape'])}" if g else "nothing"
+            takes = w["dtype"] + (str(list(w["shape"])) if w["shape"] is not None else "")
             raise InputError(f"calibration set {path} has {have} for input {name}, the model takes "
-                             f"{w['dtype']}{list(w['shape'])}: it was made for another recipe or layout")
+                             f"{takes}: it was made for another recipe or layout")
 
 
 def _check_scale(path: Path, got, inputs: list[dict]) -> None:
@@ -207,6 +214,14 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
     if samples < 1:
         raise InputError("--samples must be at least 1")
     camera, lidar = camera_config(recipe.model), lidar_config(recipe.model)
+    if recipe.arch == "bevdepth":
+        from ..preprocess.lss_inputs import synthetic_scene as key_frames
+
+        rows = []
+        for s in range(-(-samples // frames_per_scene)):
+            rows += [(f.arrays(), f.scene, f.index)
+                     for f in key_frames(camera, f"scene-{s:04d}", frames_per_scene, seed + s)]
+        return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite)
     # The engine's pillar format (layout, normalisation) depends on the passes, not on the weights.
     model = apply_passes(build_model(recipe), recipe.convert.passes)
     layout = pillar_format(model) if lidar else None
@@ -220,7 +235,8 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
         return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite,
                                pillar_scale=layout[1] if layout else None)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
-    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite, pillar_scale=layout[1])
+    return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite,
+                           pillar_scale=layout[1] if layout else None)
 
 
 def calib(recipe, out: str | Path, *, source: str | Path | None = None, samples: int = 16, frames_per_scene: int = 4,
@@ -287,7 +303,8 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
             f, _, frame_warnings = runner_frame(frame, recipe.model, rig, *layout)  # a fused model's sweep too
             warnings += frame_warnings
             noisy += image_looks_like_noise(f.img[0, 0].transpose(1, 2, 0))
-            rows.append(({"img": f.img, "can_bus": f.can_bus, **f.sensors}, frame.scene, frame.index))
+            arrays = f.arrays() if hasattr(f, "arrays") else {"img": f.img, "can_bus": f.can_bus, **f.sensors}
+            rows.append((arrays, frame.scene, frame.index))
             origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
         rows = _renumber_runs(rows)
         if noisy * 2 >= len(rows):

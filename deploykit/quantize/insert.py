@@ -32,6 +32,7 @@ def _shared_input(module: nn.Module) -> bool:
 
 def _input_names(module: nn.Module) -> tuple[str, ...] | None:
     """Which inputs of a parameter-free op are quantized ("" = integer input, left alone)."""
+    from ..models.bevdepth.streaming import BEVPoolNode
     from ..models.bevformer.attention import Sampler
     from ..ops.pillar_scatter import PillarScatter
     from ..passes.msda_op import SamplerOp
@@ -40,6 +41,8 @@ def _input_names(module: nn.Module) -> tuple[str, ...] | None:
         return ("value", "", "", "locations", "weights")
     if isinstance(module, PillarScatter):
         return ("features", "")
+    if isinstance(module, BEVPoolNode):
+        return ("depth", "context", "", "", "", "", "")
     return None
 
 

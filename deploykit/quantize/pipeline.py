@@ -27,7 +27,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -36,7 +35,7 @@ from ..checkpoint import load_state_dict
 from ..detection.agreement import agreement
 from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED, converted_rig, recipe_of_converted
-from ..models import ARCHITECTURES, build_model, camera_config, make_sample
+from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
 from ..progress import Steps, print_warnings, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
@@ -111,18 +110,21 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
               suspects: list[str] | None = None) -> list[str]:
     """Calibrate every quantizer; returns the names of those that saw no data (not on the
     deployed path). ``suspects`` collects the samples that cannot be real data (why, per file)."""
-    from ..temporal.runner import Frame, SequenceRunner, TorchEngine
+    from ..temporal import sequence_runner
+    from ..temporal.runner import TorchEngine
     from .user_data import suspect_sample
 
     for q in quantizers(qmodel).values():
         q.start_calibration()
-    runner = SequenceRunner(TorchEngine(qmodel), camera_config(recipe.model)) if calib.temporal else None
+    # Temporal models calibrate in scene order on their own state (the fake-quant model's
+    # previous BEV, or previous key frame's depth and context), as the int8 engine runs.
+    runner = sequence_runner(recipe.model, TorchEngine(qmodel)) if calib.temporal else None
     for sample in track(calib, "calibrating", quiet=quiet, total=len(calib)):
         why = suspect_sample(sample.arrays) if suspects is not None else None
         if why:
             suspects.append(f"{sample.file}: {why}")
         if runner is not None:
-            runner.step(Frame.from_arrays(sample.arrays, sample.scene, sample.index))
+            runner.step(runner.frame_from_arrays(sample.arrays, sample.scene, sample.index))
         else:
             torch_outputs(qmodel, sample.arrays)
     return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
@@ -164,7 +166,9 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         target_outputs = _target_outputs(recipe, model)
         calib_path = calib_path or default_calib_set(recipe, manifest["passes"])
         inputs = [{k: i[k] for k in ("name", "shape", "dtype", "scale") if k in i} for i in manifest["inputs"]]
-        calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs)
+        from ..temporal import runner_type
+
+        calib_set = load_calib_set(calib_path, recipe=recipe.name, inputs=inputs, runner=runner_type(recipe.model))
         data = held_out(calib_set, recipe, manifest)
     with steps.step(f"calibrate {recipe.quantize.calibrator} ranges on {len(calib_set)} samples"):
         folded, num_folded = fold_batchnorms(model)

@@ -50,8 +50,10 @@ class Search:
     stages: tuple[tuple[str, str], ...] = ()
 
     def stage(self, module: str) -> str:
-        best = max((p for p, _ in self.stages if module == p or module.startswith(p + ".")), key=len, default=None)
-        return dict(self.stages)[best] if best is not None else module.split(".")[0]
+        # Stage prefixes are module paths, "." or "/" separated (the profiler reads ONNX node names).
+        dotted = {p.strip("/").replace("/", "."): label for p, label in self.stages}
+        best = max((p for p in dotted if module == p or module.startswith(p + ".")), key=len, default=None)
+        return dotted[best] if best is not None else module.split(".")[0]
 
     @property
     def final_sqnr_db(self) -> float:

@@ -41,16 +41,16 @@ class HeldOut:
         data. For BEVFormer each run of consecutive frames is fed through the float model
         in order, so every frame's previous BEV is the one it would really carry."""
         from ..data.sources import lidar_feeds, runner_frame
-        from ..models import camera_config
         from .calib_set import pick_frames
 
         pool = [f for f in self.frames if f.token not in exclude]
         picked = pick_frames(pool, count, run=self.recipe.quantize.frames_per_scene if self.temporal else 1)
         out = []
         if self.temporal:
-            from ..temporal.runner import SequenceRunner, TorchEngine
+            from ..temporal import sequence_runner
+            from ..temporal.runner import TorchEngine
 
-            runner = SequenceRunner(TorchEngine(model), camera_config(self.recipe.model))
+            runner = sequence_runner(self.recipe.model, TorchEngine(model))
             for frame in picked:
                 if runner.scene != frame.scene or runner.index != frame.index - 1:
                     runner.reset()

@@ -51,6 +51,12 @@ class TorchEngine:
 
 
 class SequenceRunner:
+    # Engine inputs made from the previous frames, and the per-frame pose a stored sample
+    # keeps instead (the raw absolute CAN bus, float64: global positions need it).
+    state_inputs = ("shift", "prev_bev", "use_prev_bev")
+    pose_input = ("can_bus", [18], "float64")
+    frame_from_arrays = staticmethod(Frame.from_arrays)
+
     def __init__(self, engine, cfg):
         self.engine = engine
         self.cfg = cfg
