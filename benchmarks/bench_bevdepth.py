@@ -27,20 +27,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common import run  # benchmarks/common.py also puts the repository on sys.path
+from common import export_simplified, original_and_converted, run  # also puts the repository on sys.path
 
 from deploykit.bench import compare_engines  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
 from deploykit.engines.ort import build  # noqa: E402
-from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
-from deploykit.models import make_sample  # noqa: E402
-from deploykit.passes import apply_passes  # noqa: E402
 from deploykit.recipe import load_recipe  # noqa: E402
 from deploykit.report import ratio_rows_markdown, speedup_plot  # noqa: E402
-from deploykit.samples import torch_outputs  # noqa: E402
 
 SAMPLE_SEED = 2001  # odd: a frame with a previous key frame
 DEFAULT_ROUNDS = {"bevdepth_small": 40, "bevdepth_r50": 6}
@@ -51,28 +46,17 @@ def _inverse_symbolic(g, x):
     return g.op("com.microsoft::Inverse", x)
 
 
-def _export(model, feeds, path: Path, opset: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, feeds, path, opset)
-    simplify(path)
-    np.savez(path.with_name("inputs.npz"), **feeds)
-    return path
-
-
 def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
     recipe = load_recipe(name)
-    original, _, _ = load_model(recipe, None)
-    converted = apply_passes(original, recipe.convert.passes).eval()
-    raw = make_sample(recipe, SAMPLE_SEED, original)
-    sample = make_sample(recipe, SAMPLE_SEED, converted)
-    reference = torch_outputs(original, raw.reference)
+    original, converted, raw, sample, reference = original_and_converted(recipe, SAMPLE_SEED)
     print(f"{name}: exporting the naive and the converted model", flush=True)
     torch.onnx.register_custom_op_symbolic("aten::linalg_inv", _inverse_symbolic, 1)
     try:
-        naive = _export(original, raw.reference, workdir / name / "naive" / "model.onnx", recipe.convert.opset)
+        naive = export_simplified(original, raw.reference, workdir / name / "naive" / "model.onnx", recipe.convert.opset)
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::linalg_inv", 1)
-    conv = _export(converted, sample.feeds, workdir / name / "converted" / "model.onnx", recipe.convert.opset)
+    conv = export_simplified(converted, sample.feeds, workdir / name / "converted" / "model.onnx",
+                             recipe.convert.opset)
     variants = {NAIVE: (naive, raw.reference, "function"),
                 "converted, BEVPool as ORT function": (conv, sample.feeds, "function"),
                 "converted, BEVPool ortx kernel": (conv, sample.feeds, "ortx")}

@@ -24,28 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common import run  # benchmarks/common.py also puts the repository on sys.path
+from common import export_simplified, original_and_converted, run  # also puts the repository on sys.path
 
 from deploykit.bench import compare_engines  # noqa: E402
 from deploykit.compare import compare_outputs  # noqa: E402
 from deploykit.engines.ort import build  # noqa: E402
-from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
-from deploykit.models import ARCHITECTURES, make_sample  # noqa: E402
-from deploykit.passes import apply_passes  # noqa: E402
+from deploykit.models import ARCHITECTURES  # noqa: E402
 from deploykit.profile import stage_breakdown  # noqa: E402
 from deploykit.recipe import load_recipe  # noqa: E402
 from deploykit.report import markdown_table, ratio_rows_markdown, speedup_plot  # noqa: E402
-from deploykit.samples import torch_outputs  # noqa: E402
 
 SAMPLE_SEED = 2001  # odd: a frame with a previous BEV
 DEFAULT_ROUNDS = {"bevfusion_small": 40, "bevfusion_npu": 6}
-
-
-def _export(model, feeds, path: Path, opset: int) -> Path:
-    export_onnx(model, feeds, path, opset)
-    simplify(path)
-    np.savez(path.with_name("inputs.npz"), **feeds)  # bench and the profiler read the inputs beside a model
-    return path
 
 
 def _stages(paths: dict[str, Path], profiles: int, threads: int, stages) -> dict[str, dict[str, float]]:
@@ -63,17 +53,12 @@ def _stages(paths: dict[str, Path], profiles: int, threads: int, stages) -> dict
 
 def bench_recipe(name: str, rounds: int, threads: int, workdir: Path) -> dict:
     recipe = load_recipe(name)
-    original, _, _ = load_model(recipe, None)
-    converted = apply_passes(original, recipe.convert.passes).eval()
-    raw = make_sample(recipe, SAMPLE_SEED, original)
-    sample = make_sample(recipe, SAMPLE_SEED, converted)
-    reference = torch_outputs(original, raw.reference)
+    original, converted, raw, sample, reference = original_and_converted(recipe, SAMPLE_SEED)
     print(f"{name}: exporting the naive and the converted model", flush=True)
-    (workdir / "naive").mkdir()
-    (workdir / "converted").mkdir()
-    paths = {"naive export": _export(original, raw.feeds, workdir / "naive" / "model.onnx", recipe.convert.opset),
-             "converted": _export(converted, sample.feeds, workdir / "converted" / "model.onnx",
-                                  recipe.convert.opset)}
+    paths = {"naive export": export_simplified(original, raw.feeds, workdir / "naive" / "model.onnx",
+                                               recipe.convert.opset),
+             "converted": export_simplified(converted, sample.feeds, workdir / "converted" / "model.onnx",
+                                            recipe.convert.opset)}
     feeds = {"naive export": raw.feeds, "converted": sample.feeds}
     errors = {k: max(a.max_rel_error for a in compare_outputs(reference, build(p).run(feeds[k])))
               for k, p in paths.items()}

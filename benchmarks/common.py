@@ -66,3 +66,30 @@ def write_report(out: Path, stem: str, report: dict, to_markdown: Callable, plot
     if plot is not None:
         plot(report, out / f"{stem}.png")
     (out / f"{stem}.md").write_text(to_markdown(report))
+
+
+def export_simplified(model, feeds: dict, path: Path, opset: int) -> Path:
+    """Export ``model`` on ``feeds`` to ``path`` (static shapes, onnxsim), with the feeds
+    beside it as inputs.npz (what bench and the profiler read next to a model)."""
+    from deploykit.export import export_onnx, simplify
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, feeds, path, opset)
+    simplify(path)
+    np.savez(path.with_name("inputs.npz"), **feeds)
+    return path
+
+
+def original_and_converted(recipe, seed: int):
+    """(original model, the recipe's rewritten one, the original's sample, the rewritten
+    one's sample, the original's outputs on its inputs): what a naive-vs-converted bench needs."""
+    from deploykit.export import load_model
+    from deploykit.models import make_sample
+    from deploykit.passes import apply_passes
+    from deploykit.samples import torch_outputs
+
+    original, _, _ = load_model(recipe, None)
+    converted = apply_passes(original, recipe.convert.passes).eval()
+    raw = make_sample(recipe, seed, original)
+    sample = make_sample(recipe, seed, converted)
+    return original, converted, raw, sample, torch_outputs(original, raw.reference)

@@ -136,7 +136,11 @@ class Predictor:
             f, points, warnings = runner_frame(frame, cfg, self.rig, self.layout, self.scale)
             runner = self.runner
             if runner.scene == f.scene and runner.index is not None and f.index != runner.index + 1:
-                runner.reset()  # a gap: BEVFormer would have no previous BEV either
+                # A gap: the previous frame the model fuses is not in the data; start cold,
+                # as the release does at a scene's first frame, and say so.
+                warnings = [*warnings, f"scene {f.scene}: frame {f.index} follows frame {runner.index}, so its "
+                            "previous frame is missing from the data; it starts cold (no temporal fusion)"]
+                runner.reset()
             prep = time.perf_counter() - start
             outputs = runner.step(f)
             engine_s = runner.engine.last_seconds

@@ -81,3 +81,19 @@ def test_calibration_from_data_holds_key_frames(tmp_path, lss_recipe, lss_conver
     sample = next(iter(made))
     assert set(sample.arrays) == {"img", "ego2global"} and sample.arrays["ego2global"].shape == (6, 4, 4)
     assert [e["index"] for e in made.entries] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_gap_in_a_scene_starts_cold_with_a_warning(lss_converted_dir, nuscenes_cameras):
+    from deploykit.data.sources import open_source
+    from deploykit.detect import Predictor, open_model_dir
+    from deploykit.engines.ort import build
+
+    md = open_model_dir(lss_converted_dir)
+    frames = open_source(nuscenes_cameras, md.recipe).frames
+    predictor = Predictor(md.recipe, build(md.onnx), rig=md.rig)
+    first = predictor(frames[0])
+    assert not any("missing" in w for w in first.warnings)
+    third = predictor(frames[2])  # frame 1 left out
+    assert any("frame 2 follows frame 0" in w and "starts cold" in w for w in third.warnings)
+    cold = Predictor(md.recipe, build(md.onnx), rig=md.rig)(frames[2])
+    np.testing.assert_allclose(third.boxes.scores, cold.boxes.scores, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""ResNet (Bottleneck, "pytorch" style) with mmdet's module names.
+"""ResNet (Bottleneck, "pytorch" style) with mmdet's module names, and mmdet's BasicBlock.
 
 Key names match mmdet's ``ResNet`` (``conv1``, ``bn1``, ``layer1.0.conv2``,
 ``layer1.0.downsample.0`` ...) and therefore torchvision's, so BEVFormer's
@@ -65,6 +65,29 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        return self.relu(self.residual(out, identity))
+
+
+class BasicBlock(nn.Module):
+    """mmdet's ResNet BasicBlock (conv1/bn1/conv2/bn2/downsample): ResNet-18/34, BEVDepth's
+    DepthNet and BEV trunk."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.residual = Add()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         return self.relu(self.residual(out, identity))
 
 

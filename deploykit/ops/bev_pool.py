@@ -39,10 +39,14 @@ Two modes, told apart by K:
 The reference adds per point in both modes (a negative rank goes to one spare row past the
 grid that is cut off); the ONNX lowering takes each cell's sum as a difference of running
 sums (no scatter-add: ONNX Runtime's multi-threaded ScatterND add loses sums, see
-onnx_function), sorting unsorted ranks in the graph first; the numpy kernel sums runs with
-np.add.reduceat, sorting unsorted ranks first. The sums agree to fp32 rounding (tested
-against the walks and against BEVDepth's dense frustum pooling). prepare_ranks leaves
-points outside the grid out of the ranks altogether.
+onnx_function), sorting unsorted ranks in the graph first; the numpy kernel works by
+(cell, pixel) pair: a pixel's feature row is the same for all its depth bins, so the
+depths of a pixel's points in one cell are summed first and the row multiplied once per
+pair, then each cell's pairs summed (a matmul per block of cells), sorting unsorted ranks
+by (cell, pixel) first. The sums agree to fp32 rounding (tested against the walks and
+against BEVDepth's dense frustum pooling). prepare_ranks leaves points outside the grid
+out of the ranks altogether, and orders a cell's points by pixel, then depth bin, so a
+pixel's points in a cell are adjacent (any order within a cell is valid input).
 """
 
 from __future__ import annotations
@@ -64,7 +68,14 @@ RANK_NAMES = ("ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "inte
 def prepare_ranks(cells: np.ndarray, grid: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """The op's constant inputs from each frustum point's voxel (B, N, D, H, W, 3) as
     integer (x, y, z) cells: points off the (Z, Y, X) grid are dropped, the rest sorted by
-    cell (stable, so a cell's points keep frustum order) with the runs' starts and lengths."""
+    cell with the runs' starts and lengths.
+
+    Within a cell the points are ordered by pixel (ranks_feat), then depth bin (ranks_depth),
+    not in frustum order (n, d, h, w): the depth bins of one pixel ray that land in one cell
+    are then adjacent, and since the feature depends only on the pixel, a kernel can sum
+    their depths first and multiply the pixel's feature row once per (cell, pixel) pair
+    (numpy_kernel does; at BEVDepth's shapes 285,726 points form 202,751 pairs). The op's
+    sums do not depend on the order within a cell beyond fp32 rounding."""
     z_n, y_n, x_n = grid
     b, n, d, h, w, _ = cells.shape
     c = cells.reshape(-1, 3).astype(np.int64)
@@ -76,7 +87,7 @@ def prepare_ranks(cells: np.ndarray, grid: tuple[int, int, int]) -> dict[str, np
             & (c[:, 2] < z_n))
     c, ranks_depth, ranks_feat, batch = c[keep], ranks_depth[keep], ranks_feat[keep], batch[keep]
     ranks_bev = ((batch * z_n + c[:, 2]) * y_n + c[:, 1]) * x_n + c[:, 0]
-    order = np.argsort(ranks_bev, kind="stable")
+    order = np.lexsort((ranks_depth, ranks_feat, ranks_bev))  # by cell, then pixel, then depth bin
     ranks_bev, ranks_depth, ranks_feat = ranks_bev[order], ranks_depth[order], ranks_feat[order]
     starts = np.flatnonzero(np.r_[True, ranks_bev[1:] != ranks_bev[:-1]]) if len(ranks_bev) else np.zeros(0, int)
     lengths = np.diff(np.r_[starts, len(ranks_bev)])
@@ -326,46 +337,159 @@ def function_for(node: onnx.NodeProto, graph: onnx.GraphProto, opset: int) -> on
     return onnx_function(opset, unsorted=not k)
 
 
-# Points per block of the numpy kernel: a block's (points, C) products stay in cache
-# (measured at BEVDepth's shapes, benchmarks/bench_bev_pool.py: 4096 points x 80 channels
-# ran 3.5x faster than one pass over all points, and 8x faster than np.add.at).
-_BLOCK_POINTS = 4096
+# Feature rows per matmul of the numpy kernel: a block's gathered (rows, C) stay in cache
+# (measured at BEVDepth's shapes, benchmarks/bench_bev_pool.py: 2048 and 4096 ran alike,
+# 1024 and 8192-16384 about 15% slower).
+_BLOCK_ROWS = 4096
+# Layouts of sorted (constant) ranks the numpy kernel keeps, most recently used first.
+_LAYOUT_CACHE = 4
+_layouts: list[tuple[tuple[np.ndarray, ...], _PairLayout]] = []
+
+
+class _PairLayout:
+    """How numpy_kernel sums one set of ranks, by (cell, pixel) pair.
+
+    A pair is a run of sorted points with equal (ranks_bev, ranks_feat) inside one cell's
+    run: its points share one feature row, so its term is (sum of its depths) x that row.
+    The pairs of the cells (runs of dropped points left out) are laid out in "slots": the
+    cells grouped by their number of pairs k, each group's cells one after another with
+    their k pairs, so a block of n cells is one (n, 1, k) @ (n, k, C) matmul.
+
+      depth_index  ranks_depth of the points, each pair's adjacent
+      pair_starts  first point of each pair in depth_index (np.add.reduceat's indices)
+      slot_pairs   the pair of each slot, or None where the pairs are in slot order
+      feat_index   each slot's feature row
+      blocks       [(first slot, n cells, k, the cells' rows in the flat output)]
+
+    Built from the sorted points: pair_first (P,) each pair's first point, pair_feat (P,)
+    its feature row, cell_first (K,) each cell's first pair, target (K,) its row (< 0:
+    dropped), point_depth (M,) each point's ranks_depth. ``slot_order`` puts the points
+    themselves in slot order (a few ms to build, a gather less per call: for cached layouts)."""
+
+    def __init__(self, pair_first, pair_feat, cell_first, target, point_depth, slot_order: bool):
+        self.block_rows = _BLOCK_ROWS
+        m, p = len(point_depth), len(pair_first)
+        pairs_per_cell = np.diff(np.r_[cell_first, p])
+        kept = np.flatnonzero(target >= 0)
+        by_k = kept[np.argsort(pairs_per_cell[kept], kind="stable")]
+        ks = pairs_per_cell[by_k]
+        edges = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1], True]) if len(ks) else np.zeros(1, np.intp)
+        slot_pairs, self.blocks, offset = [], [], 0
+        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+            k, group = int(ks[lo]), by_k[lo:hi]
+            slot_pairs.append((cell_first[group][:, None] + np.arange(k)).reshape(-1))
+            step = max(1, _BLOCK_ROWS // k)
+            for a in range(0, len(group), step):
+                cells = group[a:a + step]
+                self.blocks.append((offset, len(cells), k, target[cells].astype(np.intp)))
+                offset += len(cells) * k
+        slot_pairs = np.concatenate(slot_pairs) if slot_pairs else np.zeros(0, np.intp)
+        self.feat_index = pair_feat[slot_pairs].astype(np.intp)
+        if slot_order:
+            lengths = np.diff(np.r_[pair_first, m])[slot_pairs]
+            self.pair_starts = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.intp) if len(lengths) else slot_pairs
+            points = np.repeat(pair_first[slot_pairs] - self.pair_starts, lengths) + np.arange(int(lengths.sum()))
+            self.depth_index, self.slot_pairs = point_depth[points].astype(np.intp), None
+        else:
+            self.depth_index, self.pair_starts = point_depth.astype(np.intp), pair_first
+            self.slot_pairs = slot_pairs
+
+    @classmethod
+    def of_sorted(cls, ranks_depth, ranks_feat, ranks_bev, interval_starts, slot_order=True) -> _PairLayout:
+        """Sorted ranks with their intervals: a pair never crosses an interval's start, and
+        each interval's sum goes to the cell of its first point (interval_walk's rule)."""
+        m = len(ranks_bev)
+        cell_start = np.zeros(m, bool)
+        cell_start[interval_starts] = True
+        new_pair = cell_start.copy()
+        new_pair[1:] |= (ranks_bev[1:] != ranks_bev[:-1]) | (ranks_feat[1:] != ranks_feat[:-1])
+        pair_first = np.flatnonzero(new_pair)
+        cell_first = np.flatnonzero(cell_start[pair_first])
+        return cls(pair_first, ranks_feat[pair_first], cell_first, ranks_bev[pair_first[cell_first]], ranks_depth,
+                   slot_order)
+
+    @classmethod
+    def of_unsorted(cls, ranks_depth, ranks_feat, ranks_bev, rows: int) -> _PairLayout:
+        """Ranks in any order (rows: feat's (B*N*H*W)): the dropped points (< 0) left out,
+        the rest sorted by (cell, pixel), a pixel's points in a cell in the order given: one
+        np.sort of a packed int64 key (cell, pixel, point) where it fits in 63 bits (at
+        BEVDepth's shapes 1.4 ms, an argsort of (cell, pixel) 3.8 ms), else a lexsort."""
+        m = len(ranks_bev)
+        bits = max(1, m.bit_length())
+        top = int(ranks_bev.max()) + 1 if m else 1
+        if top * rows >= 2 ** (63 - bits):
+            kept = np.flatnonzero(ranks_bev >= 0)
+            order = kept[np.lexsort((ranks_feat[kept], ranks_bev[kept]))]
+            rb = ranks_bev[order]
+            starts = np.flatnonzero(np.r_[True, rb[1:] != rb[:-1]]) if len(rb) else np.zeros(0, np.intp)
+            return cls.of_sorted(ranks_depth[order], ranks_feat[order], rb, starts, slot_order=False)
+        key = ranks_bev.astype(np.int64)
+        key *= rows
+        key += ranks_feat
+        key <<= bits
+        key |= np.arange(m, dtype=np.int64)
+        key[ranks_bev < 0] = -1
+        key.sort()
+        key = key[np.searchsorted(key, 0):]
+        pair_key = key >> bits  # cell * rows + pixel
+        pair_first = np.flatnonzero(np.r_[True, pair_key[1:] != pair_key[:-1]]) if len(key) else np.zeros(0, np.intp)
+        cell, pixel = np.divmod(pair_key[pair_first], rows)
+        cell_first = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]]) if len(cell) else np.zeros(0, np.intp)
+        return cls(pair_first, pixel, cell_first, cell[cell_first], ranks_depth[key & ((1 << bits) - 1)], False)
+
+    def pool(self, d: np.ndarray, f: np.ndarray, cells: int) -> np.ndarray:
+        """(cells, C) from the flat depth d and the feature rows f (B*N*H*W, C)."""
+        out = np.zeros((cells, f.shape[1]), np.float32)
+        if not self.blocks:
+            return out
+        weight = np.add.reduceat(np.take(d, self.depth_index), self.pair_starts)  # each pair's depth sum
+        if self.slot_pairs is not None:
+            weight = weight[self.slot_pairs]
+        for offset, n, k, target in self.blocks:
+            rows = np.take(f, self.feat_index[offset:offset + n * k], axis=0).reshape(n, k, f.shape[1])
+            out[target] = np.matmul(weight[offset:offset + n * k].reshape(n, 1, k), rows).reshape(n, -1)
+        return out
+
+
+def _sorted_layout(ranks_depth, ranks_feat, ranks_bev, interval_starts) -> _PairLayout:
+    """The layout of sorted ranks, kept across calls: they are a fixed rig's constants, which
+    onnxruntime-extensions hands the kernel anew each call. A hit compares the arrays in
+    full (0.1-0.3 ms at BEVDepth's shapes; building one takes 3-4 ms,
+    half again the ~7 ms of the kernel with a cached layout)."""
+    key = (interval_starts, ranks_bev, ranks_feat, ranks_depth)  # the smallest, and likeliest to differ, first
+    for i, (cached, layout) in enumerate(_layouts):
+        if layout.block_rows == _BLOCK_ROWS and all(a.shape == b.shape and np.array_equal(a, b)
+                                                    for a, b in zip(cached, key)):
+            _layouts.insert(0, _layouts.pop(i))
+            return layout
+    layout = _PairLayout.of_sorted(ranks_depth, ranks_feat, ranks_bev, interval_starts)
+    _layouts.insert(0, (tuple(np.array(a) for a in key), layout))
+    del _layouts[_LAYOUT_CACHE:]
+    return layout
 
 
 def numpy_kernel(depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths,
                  bev_z: int, bev_y: int, bev_x: int) -> np.ndarray:
-    """The op for onnxruntime-extensions: per run of equal ranks, np.add.reduceat over the
-    gathered products, in blocks of whole runs. Unsorted ranks (no intervals) lose their
-    dropped points (< 0) and are sorted first (quicksort: the order within a cell only
-    changes fp32 rounding); sorted runs of dropped points are summed into a spare row."""
+    """The op for onnxruntime-extensions, by (cell, pixel) pair (``_PairLayout``): each pair's
+    depths summed (np.add.reduceat), then per cell the matmul of its pairs' depth sums with
+    their feature rows, cells with as many pairs batched. Correct for any sorted ranks;
+    prepare_ranks' have a pixel's points in a cell adjacent, one pair each. Sorted ranks'
+    layouts are cached (``_sorted_layout``); unsorted ranks (no intervals) are sorted by
+    (cell, pixel), their dropped points (< 0) left out, and laid out each call."""
     b, c = depth.shape[0], feat.shape[-1]
     cells = b * bev_z * bev_y * bev_x
     d, f = depth.reshape(-1), feat.reshape(-1, c)
-    out = np.zeros((cells + 1, c), np.float32)  # the last row takes runs of dropped points
     if len(interval_starts) == 0:
-        kept = np.flatnonzero(ranks_bev >= 0)
-        order = kept[np.argsort(ranks_bev[kept])]
-        rb, rd, rf = ranks_bev[order], ranks_depth[order], ranks_feat[order]
-        starts = np.flatnonzero(np.r_[True, rb[1:] != rb[:-1]]) if len(rb) else np.zeros(0, np.intp)
+        layout = _PairLayout.of_unsorted(ranks_depth, ranks_feat, ranks_bev, f.shape[0])
     else:
-        rd, rf, rb = ranks_depth, ranks_feat, ranks_bev
         starts, lengths = interval_starts.astype(np.intp), interval_lengths
         if (starts[0] != 0 or np.any(lengths <= 0) or np.any(starts[1:] != starts[:-1] + lengths[:-1])
-                or int(starts[-1]) + int(lengths[-1]) != len(rb)):
+                or int(starts[-1]) + int(lengths[-1]) != len(ranks_bev)):
             raise ValueError("BEVPool's intervals must be consecutive non-empty runs covering every point "
                              "(as prepare_ranks makes them), or empty for unsorted ranks")
-    if len(starts):
-        target = rb[starts].astype(np.intp)
-        target[target < 0] = cells
-        ends = np.r_[starts[1:], len(rb)]
-        # Blocks of whole runs, about _BLOCK_POINTS points each (a longer run is one block).
-        cuts = np.unique(np.r_[np.searchsorted(starts, np.arange(0, len(rb), _BLOCK_POINTS)), len(starts)])
-        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            p0, p1 = int(starts[lo]), int(ends[hi - 1])
-            values = np.take(f, rf[p0:p1], axis=0)
-            values *= d[rd[p0:p1]][:, None]
-            out[target[lo:hi]] = np.add.reduceat(values, starts[lo:hi] - p0, axis=0)
-    return out[:cells].reshape(b, bev_z, bev_y, bev_x, c).transpose(0, 4, 1, 2, 3).copy()
+        layout = _sorted_layout(ranks_depth, ranks_feat, ranks_bev, interval_starts)
+    out = layout.pool(d, f, cells)
+    return out.reshape(b, bev_z, bev_y, bev_x, c).transpose(0, 4, 1, 2, 3).copy()
 
 
 class _OrtxOutput(np.ndarray):

@@ -1,8 +1,10 @@
 """BEVPool: every backend form against LSS voxel pooling done densely, point by point.
 
 BEVDepth's voxel_pooling lifts each pixel's features into its depth bins (depth x
-feature), drops frustum points outside the grid and sums the rest per BEV cell. Sums in
-another order differ by fp32 rounding only: tolerance 1e-5 of the output's scale.
+feature), drops frustum points outside the grid and sums the rest per BEV cell. Every fp32
+form is held to max |got - want| < 1e-5 max |want|, want the dense pooling summed in float64:
+sums in another order (the numpy kernel's per-pixel depth sums first) differ by fp32
+rounding only.
 
 Two ways of dropping a point: prepare_ranks leaves it out of the ranks, or its ranks_bev
 is negative (ranks computed in the graph); and two modes: sorted ranks with their runs,
@@ -83,6 +85,42 @@ def test_ranks_are_sorted_runs_of_cells():
     for s, n in zip(starts, lengths):
         assert np.all(rb[s:s + n] == rb[s])
     assert all(v.dtype == np.int32 for v in ranks.values())
+    # Within a cell by pixel, then depth bin (so a pixel's points in a cell are adjacent).
+    rf, rd = ranks["ranks_feat"].astype(np.int64), ranks["ranks_depth"].astype(np.int64)
+    assert np.all(np.diff(rb.astype(np.int64) * 2**40 + rf * 2**20 + rd) > 0)
+
+
+def ray_case(seed=18):
+    """Cells along each pixel's ray, as a real frustum's: runs of a pixel's depth bins land
+    in one cell (b=2, 3 cameras, 12 bins, 4x5 pixels, 6 channels, grid (1, 7, 8))."""
+    rng = np.random.default_rng(seed)
+    b, n, d, h, w, c, grid = 2, 3, 12, 4, 5, 6, (1, 7, 8)
+    depth = rng.random((b, n, d, h, w)).astype(np.float32)
+    depth /= depth.sum(2, keepdims=True)
+    feat = rng.standard_normal((b, n, h, w, c)).astype(np.float32)
+    origin = rng.uniform(0, [8, 7], (b, n, 1, h, w, 2))
+    heading = rng.standard_normal((b, n, 1, h, w, 2))
+    step = np.arange(d).reshape(1, 1, d, 1, 1, 1) * 0.35
+    xy = np.floor(origin + step * heading / np.linalg.norm(heading, axis=-1, keepdims=True)).astype(np.int64)
+    cells = np.concatenate([xy, np.zeros((b, n, d, h, w, 1), np.int64)], -1)
+    return depth, feat, cells, grid
+
+
+def test_a_pixels_points_in_one_cell_are_one_pair():
+    depth, feat, cells, grid = ray_case()
+    ranks = bev_pool.prepare_ranks(cells, grid)
+    rb, rf = ranks["ranks_bev"], ranks["ranks_feat"]
+    pairs = 1 + np.count_nonzero((rb[1:] != rb[:-1]) | (rf[1:] != rf[:-1]))
+    distinct = len(np.unique(rb.astype(np.int64) * 2**20 + rf))
+    assert pairs == distinct < 0.6 * len(rb)  # each (cell, pixel) one run, and far fewer runs than points
+    layout = bev_pool._PairLayout.of_sorted(ranks["ranks_depth"], rf, rb, ranks["interval_starts"])
+    assert len(layout.feat_index) == pairs and len(layout.depth_index) == len(rb)
+    want = dense_voxel_pooling(depth, feat, cells, grid)
+    shuffled = np.random.default_rng(0).permutation(len(rb))
+    unsorted = bev_pool.unsorted_ranks(*(ranks[k][shuffled] for k in ("ranks_depth", "ranks_feat", "ranks_bev")))
+    for r in (ranks, unsorted):
+        for name, got in every_form(depth, feat, r, grid).items():
+            assert np.abs(got - want).max() / _scale(want) < TOL, name
 
 
 def pool_model(depth, feat, ranks, grid, opset=17):
@@ -273,16 +311,69 @@ def test_cells_without_points_stay_exactly_zero(mode):
 
 
 def test_numpy_kernel_sums_runs_across_blocks(monkeypatch):
-    """Runs shorter and longer than a block, and block edges inside the grid."""
+    """Cells with more pairs than a block's rows (one block each) and groups of cells cut
+    into several blocks; sorted ranks in frustum order within a cell (a pixel's points not
+    adjacent: more, shorter pairs) as well as prepare_ranks' and unsorted ones."""
     depth, feat, cells = case(b=2, n=3, d=6, h=4, w=5, seed=12)
     grid = (1, 9, 11)
     sorted_ranks, unsorted = all_point_ranks(cells, grid, 12)
     want = dense_voxel_pooling(depth, feat, cells, grid)
-    monkeypatch.setattr(bev_pool, "_BLOCK_POINTS", 5)
-    assert sorted_ranks["interval_lengths"].max() > 5
-    for ranks in (sorted_ranks, unsorted):
+    monkeypatch.setattr(bev_pool, "_BLOCK_ROWS", 3)
+    layout = bev_pool._PairLayout.of_sorted(*(sorted_ranks[k] for k in ("ranks_depth", "ranks_feat", "ranks_bev",
+                                                               "interval_starts")))
+    assert max(k for _, _, k, _ in layout.blocks) > 3
+    assert len({k for _, _, k, _ in layout.blocks}) < len(layout.blocks)  # some k cut into several blocks
+    for ranks in (sorted_ranks, unsorted, bev_pool.prepare_ranks(cells, grid)):
         got = bev_pool.numpy_kernel(depth, feat, *ranks.values(), *grid)
         assert np.abs(got - want).max() / _scale(want) < TOL
+
+
+def test_numpy_kernel_sorts_unsorted_ranks_by_lexsort_where_the_packed_key_would_overflow():
+    """The unsorted mode packs (cell, pixel, point) into one int64 to sort; with too many
+    feature rows for that it lexsorts instead: the same sums."""
+    depth, feat, cells = case(b=2, n=3, d=6, h=4, w=5, seed=19)
+    grid = (1, 9, 11)
+    _, unsorted = all_point_ranks(cells, grid, 19)
+    want = dense_voxel_pooling(depth, feat, cells, grid)
+    rd, rf, rb = unsorted["ranks_depth"], unsorted["ranks_feat"], unsorted["ranks_bev"]
+    d, f = depth.reshape(-1), feat.reshape(-1, feat.shape[-1])
+    packed = bev_pool._PairLayout.of_unsorted(rd, rf, rb, len(f))
+    fallback = bev_pool._PairLayout.of_unsorted(rd, rf, rb, 2**60)  # no room left for the packed key
+    assert len(packed.feat_index) == len(fallback.feat_index)
+    for layout in (packed, fallback):
+        got = layout.pool(d, f, 2 * 9 * 11).reshape(2, *grid, -1).transpose(0, 4, 1, 2, 3)
+        assert np.abs(got - want).max() / _scale(want) < TOL
+
+
+def test_numpy_kernel_layout_cache_follows_the_ranks_contents():
+    """Sorted ranks' layouts are cached by content: ranks of the same shapes but other
+    values, or the same arrays changed in place, are laid out anew."""
+    depth, feat, cells = case(b=2, n=3, d=6, h=4, w=5, seed=20)
+    grid = (1, 9, 11)
+    ranks = bev_pool.prepare_ranks(cells, grid)
+
+    def want(r):
+        t = {k: torch.from_numpy(v) for k, v in r.items()}
+        return bev_pool.bev_pool(torch.from_numpy(depth), torch.from_numpy(feat), t, grid).numpy()
+
+    def check(r):
+        got = bev_pool.numpy_kernel(depth, feat, *r.values(), *grid)
+        assert np.abs(got - want(r)).max() / _scale(want(r)) < TOL
+
+    check(ranks)
+    layout = bev_pool._layouts[0][1]
+    check({k: v.copy() for k, v in ranks.items()})  # equal contents: a hit
+    assert bev_pool._layouts[0][1] is layout
+    rng = np.random.default_rng(20)
+    other = dict(ranks, ranks_depth=rng.permutation(depth.size)[:len(ranks["ranks_depth"])].astype(np.int32))
+    check(other)
+    assert bev_pool._layouts[0][1] is not layout
+    mutated = {k: v.copy() for k, v in ranks.items()}
+    check(mutated)
+    assert bev_pool._layouts[0][1] is layout
+    mutated["ranks_feat"][:] = rng.integers(0, 2 * 3 * 4 * 5, len(mutated["ranks_feat"]))
+    check(mutated)
+    assert bev_pool._layouts[0][1] is not layout
 
 
 def test_numpy_kernel_refuses_intervals_that_are_not_runs_of_every_point():

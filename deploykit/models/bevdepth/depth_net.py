@@ -15,31 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.deform_conv import DeformConv2dPack
-from ..layers import Add, Concat
+from ..layers import Concat
+from ..resnet import BasicBlock
 
 MLP_INPUTS = 27
-
-
-class BasicBlock(nn.Module):
-    """mmdet's ResNet BasicBlock (conv1/bn1/conv2/bn2/downsample)."""
-
-    expansion = 1
-
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.residual = Add()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(self.residual(out, identity))
 
 
 class _ASPPModule(nn.Module):

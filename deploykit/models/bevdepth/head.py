@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..centerpoint_pillar import SECONDFPN, CenterHead
+from ..resnet import BasicBlock
 from .config import BEVDepthConfig
-from .depth_net import BasicBlock
 
 
 class Trunk(nn.Module):

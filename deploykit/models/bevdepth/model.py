@@ -42,6 +42,20 @@ class BEVDepth(nn.Module):
     def output_names(self) -> list[str]:
         return head_output_names(self.cfg)
 
+    def rig_coverage(self) -> dict[str, float]:
+        """Fraction of the BEV grid's cells each camera's frustum reaches (the rig's key frame)."""
+        from ...camera.rig import load_rig
+        from .streaming import key_frame_cells
+
+        cells = key_frame_cells(self).numpy()[0]  # (N, D, H, W, 3)
+        nx, ny, nz = (int(v) for v in self.backbone.voxel_num)
+        out = {}
+        for cam, c in zip(load_rig(self.cfg.rig).names, cells):
+            c = c.reshape(-1, 3)
+            inside = (c[:, 0] >= 0) & (c[:, 0] < nx) & (c[:, 1] >= 0) & (c[:, 1] < ny) & (c[:, 2] >= 0) & (c[:, 2] < nz)
+            out[cam] = len(np.unique(c[inside, 1] * nx + c[inside, 0])) / (nx * ny)
+        return out
+
     def key_frame_bev(self, imgs, sensor2ego, intrin, ida, bda, camera_mats) -> torch.Tensor:
         """One key frame's pooled BEV (B, C, Y, X): (B, N, 3, H, W) images, its (B, N, 4, 4)
         matrices, and the camera-aware vector DepthNet takes (the current frame's)."""
