@@ -26,10 +26,10 @@ from deploykit.quantize.pipeline import quantize  # noqa: E402
 from deploykit.report import ratio_rows_markdown  # noqa: E402
 
 DEFAULT_ROUNDS = {"centerpoint_pillar_small": 40, "centerpoint_pillar_synth": 40, "bevformer_small": 40,
-                  "bevfusion_small": 40,
+                  "bevfusion_small": 40, "bevdepth_small": 40,
                   "centerpoint_pillar_nus": 12, "bevformer_tiny": 8}
 # Recipes whose int16 set is chosen by measurement (--int16-sensitive) rather than by hand.
-INT16_SENSITIVE = {"centerpoint_pillar_synth"}
+INT16_SENSITIVE = {"centerpoint_pillar_synth", "bevdepth_small"}
 
 
 def worst(outputs: list[dict]) -> dict:
@@ -93,7 +93,8 @@ def to_markdown(report: dict) -> str:
 
 def main() -> None:
     run(__doc__, "quantize",
-        "centerpoint_pillar_synth,centerpoint_pillar_small,bevformer_small,bevfusion_small,centerpoint_pillar_nus",
+        "centerpoint_pillar_synth,centerpoint_pillar_small,bevformer_small,bevfusion_small,bevdepth_small,"
+        "centerpoint_pillar_nus",
         DEFAULT_ROUNDS, 10, bench_recipe, to_markdown)
 
 
