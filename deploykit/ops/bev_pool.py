@@ -305,6 +305,8 @@ def onnx_function(opset: int, unsorted: bool = False) -> onnx.FunctionProto:
         n("Reshape", ["flat", "grid_shape"], ["grid"]),
         n("Transpose", ["grid"], ["bev"], perm=[0, 4, 1, 2, 3]),
     ]
+    for k, node in enumerate(nodes):  # named, so profiles attribute the inlined body to the op
+        node.name = node.name or f"bev_pool/{node.op_type}_{k}"
     return helper.make_function(
         DOMAIN, f"{OP_TYPE}_unsorted" if unsorted else OP_TYPE,
         inputs=["depth", "feat", "ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths"],

@@ -71,7 +71,7 @@ def test_previous_cells_equal_the_release_geometry(lss_model, streaming):
     x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
     inside = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
     want = torch.where(inside, y * nx + x, torch.full_like(x, -1)).reshape(-1)
-    got = streaming.previous_ranks_bev(motion)
+    got = streaming.prev_cells(motion)
     assert torch.equal(got.long(), want.long()) and (got >= 0).sum() > 1000
 
 

@@ -128,13 +128,10 @@ class DepthNet(nn.Module):
         depth = self.depth_se.gate_of(self.depth_mlp(vec)[..., None, None])
         return context, depth
 
-    def branches(self, x: torch.Tensor, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(depth logits, context): the two halves of the release's output, which it
         concatenates only to split again (a concat would give both one int8 scale)."""
         return gated_branches(self, x, *self.camera_gates(mats))
-
-    def forward(self, x: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
-        return torch.cat(self.branches(x, mats), dim=1)
 
 
 def gated_branches(net, x, context_gate, depth_gate) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +153,5 @@ class FoldedDepthNet(nn.Module):
         self.register_buffer("context_gate", context.detach().clone())
         self.register_buffer("depth_gate", depth.detach().clone())
 
-    def branches(self, x: torch.Tensor, mats=None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG002
+    def forward(self, x: torch.Tensor, mats=None) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ARG002
         return gated_branches(self, x, self.context_gate, self.depth_gate)
-
-    def forward(self, x: torch.Tensor, mats=None) -> torch.Tensor:
-        return torch.cat(self.branches(x, mats), dim=1)

@@ -82,9 +82,12 @@ class LSSFPN(nn.Module):
         b, n = imgs.shape[:2]
         return self.img_neck(self.img_backbone(imgs.reshape(b * n, *imgs.shape[2:])))
 
-    def depth_and_context(self, feats: torch.Tensor, mats) -> tuple[torch.Tensor, torch.Tensor]:
-        """(softmax depth (B * N, D, fH, fW), context (B * N, C, fH, fW))."""
-        depth, context = self.depth_net.branches(feats, mats)
+    def forward(self, imgs: torch.Tensor, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax depth (B * N, D, fH, fW), context (B * N, C, fH, fW)) of (B, N, 3, H, W)
+        images and the (B * N, 27) camera-aware vector: one key frame through
+        _forward_single_sweep up to the pooling. (A module's forward, so exported nodes
+        are named by its path: backbone/img_backbone/..., backbone/depth_net/...)"""
+        depth, context = self.depth_net(self.image_features(imgs), mats)
         return depth.softmax(dim=1, dtype=depth.dtype), context
 
     def voxel_pooling(self, cells: torch.Tensor, depth: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ class BEVDepth(nn.Module):
         """One key frame's pooled BEV (B, C, Y, X): (B, N, 3, H, W) images, its (B, N, 4, 4)
         matrices, and the camera-aware vector DepthNet takes (the current frame's)."""
         lss = self.backbone
-        depth, context = lss.depth_and_context(lss.image_features(imgs), camera_mats)
+        depth, context = lss(imgs, camera_mats)
         cells = lss.cells(lss.get_geometry(sensor2ego, intrin, ida, bda))
         return lss.voxel_pooling(cells, depth, context)
 

@@ -75,6 +75,34 @@ def camera_coverage(cells: np.ndarray, voxel_num) -> list[float]:
     return inside.reshape(inside.shape[1], -1).mean(axis=1).tolist()
 
 
+class PreviousCells(nn.Module):
+    """The previous key frame's frustum points' cells in the current grid, from the ego
+    motion: get_geometry with sensor2ego = ego_motion @ the rig's camera -> ego (the
+    matrix products and `.int()` truncation of the release), -1 where a point is off the
+    grid. The points in camera coordinates (ida undone, lifted by depth) are constants."""
+
+    def __init__(self, lss, rig_sensor2ego: torch.Tensor, rig_intrin: torch.Tensor, rig_ida: torch.Tensor):
+        super().__init__()
+        with torch.no_grad():
+            points = camera_points(lss.frustum, rig_ida)  # (1, N, D, fH, fW, 4, 1)
+        self.register_buffer("cam_points", points, persistent=False)
+        self.register_buffer("sensor2ego", rig_sensor2ego.clone(), persistent=False)
+        self.register_buffer("inv_intrin", torch.inverse(rig_intrin), persistent=False)
+        for name in ("voxel_size", "voxel_coord"):
+            self.register_buffer(name, getattr(lss, name).clone(), persistent=False)
+        self.voxel_num = tuple(int(v) for v in lss.voxel_num)
+
+    def forward(self, ego_motion: torch.Tensor) -> torch.Tensor:
+        n = self.sensor2ego.shape[1]
+        combine = ego_motion.matmul(self.sensor2ego).matmul(self.inv_intrin)
+        points = combine.view(1, n, 1, 1, 1, 4, 4).matmul(self.cam_points).squeeze(-1)[..., :3]
+        cells = ((points - (self.voxel_coord - self.voxel_size / 2.0)) / self.voxel_size).int()
+        x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
+        nx, ny, nz = self.voxel_num
+        inside = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
+        return torch.where(inside, y * nx + x, torch.full_like(x, -1)).reshape(-1).int()
+
+
 class StreamingBEVDepth(nn.Module):
     def __init__(self, original: BEVDepth):
         super().__init__()
@@ -98,11 +126,8 @@ class StreamingBEVDepth(nn.Module):
         self.register_buffer("camera_mats", mlp_input(self.rig_intrin, self.rig_ida, self.rig_sensor2ego,
                                                       self.rig_bda), persistent=False)
         if cfg.keys == 2:
-            with torch.no_grad():
-                points = camera_points(lss.frustum, self.rig_ida[:, 0])  # (1, N, D, fH, fW, 4, 1)
-            self.register_buffer("cam_points", points, persistent=False)
-            self.register_buffer("inv_intrin", torch.inverse(self.rig_intrin[:, 0]), persistent=False)
-            _, n, d, h, w = points.shape[:5]
+            self.prev_cells = PreviousCells(lss, self.rig_sensor2ego[:, 0], self.rig_intrin[:, 0], self.rig_ida[:, 0])
+            _, n, d, h, w = self.prev_cells.cam_points.shape[:5]
             m = n * d * h * w
             pixel = (np.arange(n)[:, None, None] * (h * w) + np.arange(h * w).reshape(1, 1, h * w))
             pixel = np.broadcast_to(pixel.reshape(n, 1, h * w), (n, d, h * w)).reshape(-1)
@@ -122,26 +147,11 @@ class StreamingBEVDepth(nn.Module):
     def key_frame_state(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(depth (1, N, D, fH, fW), context (1, N, fH, fW, C)) of one frame's images: what
         BEVPool takes, and what the next frame's engine call takes as prev_*."""
-        lss = self.backbone
-        depth, context = lss.depth_and_context(lss.image_features(img), self.camera_mats)
+        depth, context = self.backbone(img, self.camera_mats)
         n = img.shape[1]
         depth = depth.reshape(1, n, *depth.shape[1:])
         context = context.reshape(1, n, *context.shape[1:]).permute(0, 1, 3, 4, 2)
         return depth, context
-
-    def previous_ranks_bev(self, ego_motion: torch.Tensor) -> torch.Tensor:
-        """(M,) cell of every previous-frame frustum point in the current grid, -1 if outside:
-        get_geometry with sensor2ego = ego_motion @ the rig's camera -> ego, then .int()."""
-        lss = self.backbone
-        n = self.rig_sensor2ego.shape[2]
-        sensor2ego = ego_motion.matmul(self.rig_sensor2ego[:, 0])
-        combine = sensor2ego.matmul(self.inv_intrin)
-        points = combine.view(1, n, 1, 1, 1, 4, 4).matmul(self.cam_points).squeeze(-1)[..., :3]
-        cells = lss.cells(points)
-        x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
-        nx, ny, nz = (int(v) for v in lss.voxel_num)
-        inside = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
-        return torch.where(inside, y * nx + x, torch.full_like(x, -1)).reshape(-1).int()
 
     def forward(self, img, prev_depth=None, prev_context=None, ego_motion=None, use_prev=None):
         depth, context = self.key_frame_state(img)
@@ -149,6 +159,6 @@ class StreamingBEVDepth(nn.Module):
         if self.cfg.keys == 1:
             return tuple(self.head(bev))
         pooled = self.pool_prev(prev_depth, prev_context, self.prev_ranks_depth, self.prev_ranks_feat,
-                                self.previous_ranks_bev(ego_motion), self.no_intervals, self.no_intervals)
+                                self.prev_cells(ego_motion), self.no_intervals, self.no_intervals)
         prev = torch.where(use_prev.view(1, 1, 1, 1) > 0.5, pooled, bev)
         return (*self.head(torch.cat([bev, prev], 1)), depth, context)
