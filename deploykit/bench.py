@@ -228,6 +228,9 @@ def _sample_files(model_path: Path) -> list[Path]:
     return [f for f in found if f.is_file()]
 
 
+BACKENDS = ("ort", "tensorrt", "torch")
+
+
 def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
     """Realistic inputs if ``convert`` left them beside the model (or beside the
     converted model a ``quantize`` directory names in its manifest), else synthetic.
@@ -255,21 +258,25 @@ def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
 
 def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str = "function",
                 threads: int | None = None, warmup: int = 10, iterations: int = 50,
-                stages: bool = False, precision: str = "fp32") -> dict[str, Any]:
+                stages: bool = False, precision: str = "fp32", device: str = "auto") -> dict[str, Any]:
     """Benchmark one ONNX model; returns a JSON-ready result. ``stages`` adds the
     per-stage breakdown from a separate profiled session (deploykit.profile).
-    ``backend="tensorrt"`` (where installed) builds at ``precision``; peak host
-    memory and stages are ONNX Runtime measurements and are left out there."""
+    ``backend="tensorrt"`` (where installed) builds at ``precision``; ``backend="torch"``
+    runs the converted model's PyTorch modules on ``device`` (with deploykit's GPU kernels
+    on CUDA where installed); peak host memory and stages are ONNX Runtime measurements
+    and are left out there."""
     from .engines import ort as ort_engine
     from .errors import EngineError
 
     model_path = Path(model_path)
-    if backend not in ("ort", "tensorrt"):
-        raise EngineError(f"backend '{backend}' is not one of ort, tensorrt")
+    if backend not in BACKENDS:
+        raise EngineError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     if not model_path.is_file():
         raise EngineError(f"model {model_path} does not exist")
     if backend == "tensorrt":
         return _bench_tensorrt(model_path, precision, warmup, iterations)
+    if backend == "torch":
+        return _bench_torch(model_path, device, threads, warmup, iterations)
     engine = ort_engine.build(model_path, custom_ops=custom_ops, threads=threads)
     feeds, source = engine_feeds(model_path, engine)
     with console().status(f"timing {model_path} ({warmup} warm-up + {iterations} runs)"):
@@ -305,6 +312,22 @@ def _bench_tensorrt(model_path: Path, precision: str, warmup: int, iterations: i
                              "execution_mode": "sequential", "graph_optimization": "tensorrt",
                              "timing": "host to host, feeds copied in and outputs out each run"},
                    versions={"tensorrt": tensorrt.__version__})
+
+
+def _bench_torch(model_path: Path, device: str, threads: int | None, warmup: int, iterations: int) -> dict[str, Any]:
+    import torch
+
+    from .engines import pytorch as torch_engine
+
+    engine = torch_engine.build(model_path, device=device, threads=threads)
+    feeds, source = engine_feeds(model_path, engine)
+    with console().status(f"timing {model_path} in PyTorch on {engine.device} ({warmup} warm-up + {iterations} runs)"):
+        seconds = time_calls(lambda: engine.run(feeds), warmup=warmup, iterations=iterations)
+    return _result(model_path, engine, source, seconds, warmup, backend="torch", peak_memory_bytes=None,
+                   settings={"device": engine.device, "intra_op_threads": engine.threads,
+                             "gpu_kernels": engine.kernels, "model": "the converted PyTorch modules, eval, no_grad",
+                             "timing": "host to host, feeds copied in and outputs out each run"},
+                   versions={"torch": torch.__version__})
 
 
 def _result(model_path: Path, engine, source: str, seconds: np.ndarray, warmup: int, *, backend: str,

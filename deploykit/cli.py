@@ -85,8 +85,11 @@ def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, 
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
-              help="Inference backend; tensorrt where installed (GPU).")
+@click.option("--backend", type=click.Choice(["ort", "tensorrt", "torch"]), default="ort", show_default=True,
+              help="Inference backend; tensorrt where installed (GPU); torch: the converted PyTorch model "
+                   "(with deploykit's GPU kernels on CUDA).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="--backend torch: where the model runs (auto: CUDA if PyTorch sees a GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="TensorRT build precision (int8 for QDQ models: scales from their Q/DQ nodes).")
 @click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function",
@@ -100,7 +103,8 @@ def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, 
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write bench.json, bench.md and bench.png into this directory.")
 @handle_errors
-def bench(models, backend, precision, custom_ops, threads, warmup, iterations, json_path, stages, report_dir):
+def bench(models, backend, device, precision, custom_ops, threads, warmup, iterations, json_path, stages,
+          report_dir):
     """Measure latency, size and peak memory of one or more ONNX models.
 
     Uses the inputs.npz that `deploykit convert` wrote beside a model, else synthetic inputs.
@@ -113,8 +117,8 @@ def bench(models, backend, precision, custom_ops, threads, warmup, iterations, j
 
     if warmup < 0 or iterations < 1:
         raise click.BadParameter("--warmup must be >= 0 and --iterations >= 1")
-    results = [bench_model(m, backend=backend, custom_ops=custom_ops, threads=threads,
-                           warmup=warmup, iterations=iterations, stages=stages, precision=precision)
+    results = [bench_model(m, backend=backend, custom_ops=custom_ops, threads=threads, warmup=warmup,
+                           iterations=iterations, stages=stages, precision=precision, device=device)
                for m in models]
     Console(width=max(Console().width, 120)).print(latency_table(results))
     for r in results:

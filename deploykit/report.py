@@ -20,7 +20,9 @@ def latency_table(results: list[dict]) -> Table:
     table.add_column("peak MB", justify="right")
     for r in results:
         lat = r["latency"]
-        table.add_row(r["model"], f'{r["backend"]}/{r["settings"]["custom_ops"]}',
+        s = r["settings"]
+        mode = s.get("custom_ops") or s.get("device", "")
+        table.add_row(r["model"], f'{r["backend"]}/{mode}',
                       f'{lat["warmup"]}+{lat["iterations"]}', *(f"{lat[c]:.2f}" for c in LATENCY_COLUMNS),
                       _mb(r.get("model_bytes")), _mb(r.get("peak_memory_bytes")))
     return table
