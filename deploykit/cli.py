@@ -59,12 +59,17 @@ def main() -> None:
 @click.option("--standard-ops", is_flag=True,
               help="Also write model.standard_ops.onnx, custom nodes lowered to standard ONNX ops (for runtimes "
                    "without deploykit's plugins), checked like model.onnx.")
+@click.option("--tensorrt-plugins", is_flag=True,
+              help="Also write model.trt_plugins.onnx: custom nodes tagged plugin_namespace=deploykit for TensorRT's "
+                   "ONNX parser with deploykit's Python plugins (TensorRT >= 10.6, plugins/README.md); checked "
+                   "against the plugins' declared shapes (no TensorRT needed).")
 @click.option("--rig", type=click.Path(path_type=Path),
               help="Camera models: a rig file (e.g. from `deploykit rig --from-nuscenes`) or bundled rig name "
                    "instead of the recipe's.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, standard_ops, rig, quiet):
+def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, standard_ops, tensorrt_plugins, rig,
+            quiet):
     """Rewrite, export to static ONNX and check against PyTorch.
 
     Writes OUT/model.onnx, weights.safetensors, inputs.npz, check.json and manifest.json.
@@ -77,7 +82,8 @@ def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, 
         raise click.UsageError("--passes and --no-passes exclude each other")
     chosen = [] if no_passes else ([p.strip() for p in passes.split(",") if p.strip()] if passes else None)
     result = run_convert(recipe, out, checkpoint=checkpoint, passes=chosen, overwrite=overwrite,
-                         custom_ops=custom_ops, standard_ops=standard_ops, rig=rig, quiet=quiet)
+                         custom_ops=custom_ops, standard_ops=standard_ops, tensorrt_plugins=tensorrt_plugins,
+                         rig=rig, quiet=quiet)
     eng = result.check["onnxruntime"]
     click.echo(f"wrote {result.out_dir}/ : ONNX Runtime vs PyTorch worst relative error "
                f"{eng['worst_rel_error']:.1e}, min cosine {eng['min_cosine']:.7f}")

@@ -48,6 +48,7 @@ from .synthetic_checkpoint import default_checkpoint
 
 CHECK_SEED = 1000  # sample scenes for the check; distinct from calibration seeds
 STANDARD_OPS_FILE = "model.standard_ops.onnx"
+TENSORRT_PLUGINS_FILE = "model.trt_plugins.onnx"
 
 
 @dataclass
@@ -222,10 +223,15 @@ def pillar_format(manifest: dict) -> tuple[str, np.ndarray | None]:
 
 def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | dict | None = None,
             passes: list[str] | None = None, overwrite: bool = False, custom_ops: str = "function",
-            standard_ops: bool = False, rig: str | Path | None = None, quiet: bool = False) -> ConvertResult:
+            standard_ops: bool = False, tensorrt_plugins: bool = False, rig: str | Path | None = None,
+            quiet: bool = False) -> ConvertResult:
     """``standard_ops`` also writes model.standard_ops.onnx: every deploykit::*
     node replaced by its lowering to standard ONNX ops, for runtimes that have
-    no plugin or kernel for them; it is checked like model.onnx. ``rig`` replaces
+    no plugin or kernel for them; it is checked like model.onnx. ``tensorrt_plugins``
+    also writes model.trt_plugins.onnx: model.onnx with plugin_namespace="deploykit"
+    on every deploykit::* node, for TensorRT's ONNX parser with deploykit's Python
+    plugins (plugins.trt.load()); the plugins' declared output shapes and dtypes are
+    checked against the export (no TensorRT needed). ``rig`` replaces
     the recipe's camera rig; the one used is copied into OUT/rig.json. ``checkpoint``
     may be {"camera": path, "lidar": path, "fused": path} for a fused model."""
     from .engines import ort as ort_engine
@@ -272,6 +278,14 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                 check["standard_ops"] = {"file": STANDARD_OPS_FILE, **_block(recipe, std)}
                 check["passed"] = check["passed"] and check["standard_ops"]["passed"]
                 ort_check = ort_check + std
+            if tensorrt_plugins and ort_engine.custom_nodes(exported):
+                from .engines.tensorrt_plugins import check_plugins, with_plugin_attributes
+
+                problems = check_plugins(exported)
+                if problems:
+                    raise ExportError(f"deploykit's TensorRT plugins do not fit the exported graph: {problems[0]}")
+                onnx.save(with_plugin_attributes(exported), str(scratch / TENSORRT_PLUGINS_FILE))
+                check["tensorrt_plugins"] = {"file": TENSORRT_PLUGINS_FILE, "declared_outputs_match": True}
             write_json(scratch / "check.json", check)
             if not check["passed"]:
                 worst = max(ort_check + torch_check, key=lambda a: a.max_rel_error)
@@ -287,6 +301,8 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                                  custom_ops)
             if "standard_ops" in check:
                 manifest["onnx"]["standard_ops_file"] = STANDARD_OPS_FILE
+            if "tensorrt_plugins" in check:
+                manifest["onnx"]["tensorrt_plugins_file"] = TENSORRT_PLUGINS_FILE
             if coverage is not None:
                 from .camera.rig import rig_path
 

@@ -10,14 +10,17 @@ PyTorch CUDA tensors as device buffers (TensorRT 10's name-based
 * ``precision="int8"`` takes deploykit's QDQ models (model.trt.qdq.onnx: Q/DQ
   placed for TensorRT, int16 regions as float islands) and enables int8 with
   fp16 fallback: the scales come from the Q/DQ nodes, no calibrator runs.
-* deploykit's custom nodes (``deploykit::PillarScatter``,
-  ``deploykit::MultiScaleDeformableAttn``) need their plugin library
-  (``plugins=``). Without one, build ``model.standard_ops.onnx`` (``convert
-  --standard-ops``), where they are lowered to ScatterElements / GridSample.
+* deploykit's custom nodes (``deploykit::*``) run as deploykit's Python
+  plugins (plugins/, ``tensorrt.plugin``, TensorRT >= 10.6): ``build`` registers
+  them (``plugins.trt.load()``), checks them against the model and parses a copy
+  with ``plugin_namespace`` on those nodes. A plugin library (``plugins=``) can
+  be given instead; or build ``model.standard_ops.onnx`` (``convert
+  --standard-ops``), where they are lowered to standard ONNX ops.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -43,7 +46,9 @@ def custom_nodes(model_path: Path) -> list[str]:
 
 
 def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 4.0,
-          plugins: tuple[str | Path, ...] = ()) -> "TrtEngine":
+          plugins: tuple[str | Path, ...] = (), python_plugins: bool | None = None) -> "TrtEngine":
+    """``python_plugins``: run the custom nodes with deploykit's tensorrt.plugin plugins;
+    None (default): when the model has custom nodes and no plugin library is given."""
     model = Path(model)
     if precision not in PRECISIONS:
         raise EngineError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision}")
@@ -53,9 +58,12 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
     if not model.is_file():
         raise EngineError(f"model {model} does not exist")
     missing = custom_nodes(model)
-    if missing and not plugins:
-        raise EngineError(f"{model} has deploykit custom nodes ({', '.join(missing)}) and no plugin library was "
-                          "given; pass the plugin .so, or build model.standard_ops.onnx (convert --standard-ops)")
+    if python_plugins is None:
+        python_plugins = bool(missing) and not plugins
+    if missing and not plugins and not python_plugins:
+        raise EngineError(f"{model} has deploykit custom nodes ({', '.join(missing)}) and no plugins were "
+                          "given; use python_plugins=True, pass the plugin .so, or build model.standard_ops.onnx "
+                          "(convert --standard-ops)")
     import ctypes
 
     import tensorrt as trt
@@ -65,12 +73,14 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
         raise EngineError("TensorRT needs a CUDA GPU, and PyTorch sees none")
     for lib in plugins:
         ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    tagged = _with_python_plugins(model) if python_plugins and missing else None
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(model)):
+    parsed = parser.parse(tagged, str(model)) if tagged is not None else parser.parse_from_file(str(model))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineError(f"TensorRT cannot parse {model}: {errors[:400]}")
     config = builder.create_builder_config()
@@ -84,6 +94,26 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
         raise EngineError(f"TensorRT could not build an engine from {model} at {precision}")
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     return TrtEngine(engine, str(model), precision)
+
+
+def _with_python_plugins(model: Path) -> bytes:
+    """Register deploykit's Python plugins and return the model, checked against them, with
+    plugin_namespace on its custom nodes (serialized, for the parser)."""
+    import onnx
+
+    from .tensorrt_plugins import check_plugins, with_plugin_attributes
+
+    definitions = importlib.import_module("plugins.trt")  # the package, not the ``plugins`` argument
+    try:
+        definitions.load()
+    except definitions.TensorRTPluginsUnavailable as exc:
+        raise EngineError(str(exc)) from None
+    proto = onnx.load(str(model))
+    problems = check_plugins(proto)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise EngineError(f"deploykit's TensorRT plugins do not fit {model}: {problems[0]}{more}")
+    return with_plugin_attributes(proto).SerializeToString()
 
 
 class TrtEngine:

@@ -56,6 +56,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from . import kernels
 from .autograd import recompute_backward, save_inputs
 from .onnx_builder import attribute_constant as attr_const
 from .onnx_builder import int64_constant as const
@@ -151,8 +152,8 @@ class BEVPoolFunction(torch.autograd.Function):
                 bev_z: int, bev_y: int, bev_x: int):
         save_inputs(ctx, (depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths),
                     (bev_z, bev_y, bev_x))
-        return reference(depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths,
-                         bev_z, bev_y, bev_x)
+        return kernels.forward("bev_pool", reference, depth, feat, ranks_depth, ranks_feat, ranks_bev,
+                               interval_starts, interval_lengths, bev_z, bev_y, bev_x)
 
     @staticmethod
     def backward(ctx, grad):

@@ -29,3 +29,14 @@ def kernel(name: str):
 def available_kernels() -> dict[str, bool]:
     """Op type -> whether its GPU kernel is installed here."""
     return {op: kernel(name) is not None for op, name in KERNELS.items()}
+
+
+def forward(name: str, reference, *args):
+    """An op's forward: its GPU kernel where the inputs are on CUDA and the kernel is
+    installed, else ``reference`` (the semantics every backend matches)."""
+    first = args[0]
+    if getattr(first, "is_cuda", False):
+        op = kernel(name)
+        if op is not None:
+            return op(*args)
+    return reference(*args)

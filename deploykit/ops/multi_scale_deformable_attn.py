@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..onnx_graph import constant_tensors, constant_value
+from . import kernels
 from .autograd import recompute_backward, save_inputs
 from .onnx_builder import NodeBuilder
 
@@ -54,7 +55,8 @@ class MultiScaleDeformableAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
         save_inputs(ctx, (value, spatial_shapes, level_start_index, sampling_locations, attention_weights))
-        return reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return kernels.forward("msda", reference, value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights)
 
     @staticmethod
     def backward(ctx, grad):

@@ -22,6 +22,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from . import kernels
 from .autograd import recompute_backward, save_inputs
 from .onnx_builder import attribute_constant as attr_const
 from .onnx_builder import int64_constant as const
@@ -43,7 +44,7 @@ class PillarScatterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features, coords, height: int, width: int):
         save_inputs(ctx, (features, coords), (height, width))
-        return reference(features, coords, height, width)
+        return kernels.forward("pillar_scatter", reference, features, coords, height, width)
 
     @staticmethod
     def backward(ctx, grad):
