@@ -27,16 +27,18 @@ if "nvidia" not in triton.backends.backends:
     print("NO NVIDIA BACKEND"); sys.exit(0)
 
 def compile_for_hopper(jit, signature, constexprs):
+    # sm_87 (Orin, the automotive target) and sm_90 (Hopper); atomics as sm_90's PTX has them.
     sig = {name: signature.get(name, "constexpr") for name in jit.arg_names}
-    k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    assert k.asm["cubin"]
+    for arch in (87, 90):
+        k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        assert k.asm["cubin"], arch
     return any(a in k.asm["ptx"] for a in ("atom.", "red."))
 """
 
 
 def compile_for_hopper(script: str, tmp_path) -> str:
     """Runs ``script`` after COMPILE's prelude in a fresh Python without TRITON_INTERPRET: the
-    kernels compiled (not interpreted) to sm_90 cubins with Triton's bundled ptxas, the code
+    kernels compiled (not interpreted) to sm_87 and sm_90 cubins with Triton's bundled ptxas, the code
     a GPU runs, checked without one. A fresh process because Triton's own @triton.jit library
     (and gluon's copy of it, which the compiler imports) takes the mode Triton was imported
     in, here the interpreter's. Returns stdout; skips if Triton has no NVIDIA backend."""
