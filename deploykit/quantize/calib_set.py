@@ -231,7 +231,7 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
             for frame in synthetic_scene(camera, f"scene-{s:04d}", frames_per_scene, seed + s):
                 # A fused model's LiDAR sweep of the same frame (the synthetic sensors are independent).
                 sweep = pillar_inputs(lidar, seed + len(rows), *layout).feeds if lidar else {}
-                rows.append(({"img": frame.img, "can_bus": frame.can_bus, **sweep}, frame.scene, frame.index))
+                rows.append(({**frame.arrays(), **sweep}, frame.scene, frame.index))
         return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite,
                                pillar_scale=layout[1] if layout else None)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
@@ -303,8 +303,7 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
             f, _, frame_warnings = runner_frame(frame, recipe.model, rig, *layout)  # a fused model's sweep too
             warnings += frame_warnings
             noisy += image_looks_like_noise(f.img[0, 0].transpose(1, 2, 0))
-            arrays = f.arrays() if hasattr(f, "arrays") else {"img": f.img, "can_bus": f.can_bus, **f.sensors}
-            rows.append((arrays, frame.scene, frame.index))
+            rows.append((f.arrays(), frame.scene, frame.index))
             origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
         rows = _renumber_runs(rows)
         if noisy * 2 >= len(rows):

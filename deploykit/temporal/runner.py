@@ -39,6 +39,10 @@ class Frame:
         sensors = {k: v for k, v in arrays.items() if k not in ("img", "can_bus")}
         return cls(arrays["img"], np.asarray(arrays["can_bus"], np.float64), scene, index, sensors)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a calibration sample stores of the frame (from_arrays reads it back)."""
+        return {"img": self.img, "can_bus": self.can_bus, **self.sensors}
+
 
 class TorchEngine:
     """A PyTorch model behind the engine interface, for references and tests."""

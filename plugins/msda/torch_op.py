@@ -14,22 +14,16 @@ that runs the kernel.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from deploykit.ops.multi_scale_deformable_attn import reference
 
-_TRUE = ("1", "true", "on", "yes")
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+from .._triton import interpreting
 
 
 def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or (t.device.type == "cpu" and _interpret())
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
 def _out_shape(value: Tensor, sampling_locations: Tensor) -> tuple[int, int, int]:

@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16)
+from .._triton import FLOAT_DTYPES
+
 # Locations may be int16 (a quantizer lifted to 16 bits, QDQ with an int16 zero point):
 # an int8 step of amax/127 is a fifth of a pixel on a 20-wide level and more on BEV-sized maps.
 INT_LOCATIONS = (torch.int8, torch.int16)

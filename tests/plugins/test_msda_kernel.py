@@ -34,7 +34,7 @@ from deploykit.ops.multi_scale_deformable_attn import reference  # noqa: E402
 from deploykit.quantize.fake_quant import fake_quantize, qmax  # noqa: E402
 from plugins.msda import torch_op, triton_kernel  # noqa: E402  (registers torch.ops.deploykit.msda*)
 
-INTERPRET = torch_op._interpret()
+INTERPRET = torch_op.interpreting()
 DEVICE = "cpu" if INTERPRET else "cuda"
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)

@@ -54,6 +54,19 @@ def ego_points(points: torch.Tensor, sensor2ego_mat: torch.Tensor, intrin_mat: t
     return points[..., :3]
 
 
+def to_cells(geom, voxel_coord, voxel_size):
+    """Integer (x, y, z) cells of ego-frame points, truncated toward zero as the release's
+    ``.int()`` does (a point up to one cell below the grid's low edge lands in cell 0)."""
+    return ((geom - (voxel_coord - voxel_size / 2.0)) / voxel_size).int()
+
+
+def in_grid(cells, voxel_num):
+    """Which cells (..., 3) lie in the (X, Y, Z) grid: the points the release pools (torch or numpy)."""
+    nx, ny, nz = (int(v) for v in voxel_num)
+    x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
+    return (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
+
+
 class LSSFPN(nn.Module):
     def __init__(self, cfg: BEVDepthConfig):
         super().__init__()
@@ -71,8 +84,7 @@ class LSSFPN(nn.Module):
                                   self.depth_channels, cfg.dcn_groups)
 
     def cells(self, geom: torch.Tensor) -> torch.Tensor:
-        """Integer (x, y, z) cell of each point, truncated toward zero as the release does."""
-        return ((geom - (self.voxel_coord - self.voxel_size / 2.0)) / self.voxel_size).int()
+        return to_cells(geom, self.voxel_coord, self.voxel_size)
 
     def get_geometry(self, sensor2ego_mat, intrin_mat, ida_mat, bda_mat) -> torch.Tensor:
         return ego_points(camera_points(self.frustum, ida_mat), sensor2ego_mat, intrin_mat, bda_mat)
@@ -94,12 +106,11 @@ class LSSFPN(nn.Module):
         """voxel_pooling_inference in PyTorch: (B, C, Y, X) from (B, N, D, H, W, 3) cells,
         (B * N, D, H, W) depth and (B * N, C, H, W) context."""
         b, n, d, h, w, _ = cells.shape
-        nx, ny, nz = (int(v) for v in self.voxel_num)
+        nx, ny, _ = (int(v) for v in self.voxel_num)
         c = context.shape[1]
         flat = cells.reshape(-1, 3).long()
-        x, y, z = flat[:, 0], flat[:, 1], flat[:, 2]
-        keep = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
-        point = torch.nonzero(keep).squeeze(1)
+        x, y = flat[:, 0], flat[:, 1]
+        point = torch.nonzero(in_grid(flat, self.voxel_num)).squeeze(1)
         batch = point // (n * d * h * w)
         pixel = (point // (d * h * w)) * (h * w) + point % (h * w)  # (b, n, h, w) of the point
         feats = context.reshape(b * n, c, h * w).permute(0, 2, 1).reshape(-1, c)[pixel]

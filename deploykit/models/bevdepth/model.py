@@ -22,7 +22,7 @@ from torch import nn
 from .config import BEVDepthConfig
 from .depth_net import mlp_input
 from .head import BEVDepthHead
-from .lss import LSSFPN
+from .lss import LSSFPN, in_grid
 
 
 class BEVDepth(nn.Module):
@@ -48,12 +48,11 @@ class BEVDepth(nn.Module):
         from .streaming import key_frame_cells
 
         cells = key_frame_cells(self).numpy()[0]  # (N, D, H, W, 3)
-        nx, ny, nz = (int(v) for v in self.backbone.voxel_num)
+        nx, ny, _ = (int(v) for v in self.backbone.voxel_num)
         out = {}
         for cam, c in zip(load_rig(self.cfg.rig).names, cells):
-            c = c.reshape(-1, 3)
-            inside = (c[:, 0] >= 0) & (c[:, 0] < nx) & (c[:, 1] >= 0) & (c[:, 1] < ny) & (c[:, 2] >= 0) & (c[:, 2] < nz)
-            out[cam] = len(np.unique(c[inside, 1] * nx + c[inside, 0])) / (nx * ny)
+            c = c.reshape(-1, 3)[in_grid(c.reshape(-1, 3), self.backbone.voxel_num)]
+            out[cam] = len(np.unique(c[:, 1] * nx + c[:, 0])) / (nx * ny)
         return out
 
     def key_frame_bev(self, imgs, sensor2ego, intrin, ida, bda, camera_mats) -> torch.Tensor:

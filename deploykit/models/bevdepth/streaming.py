@@ -29,7 +29,7 @@ from torch import nn
 from ...errors import RigError
 from ...ops.bev_pool import bev_pool, prepare_ranks
 from .depth_net import mlp_input
-from .lss import camera_points
+from .lss import camera_points, in_grid, to_cells
 from .model import BEVDepth, head_output_names
 
 RANK_NAMES = ("ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths")
@@ -69,9 +69,7 @@ def collapse_z(cells: np.ndarray, voxel_num) -> np.ndarray:
 
 def camera_coverage(cells: np.ndarray, voxel_num) -> list[float]:
     """Per camera, the fraction of its frustum points that land in the BEV grid."""
-    nx, ny, nz = (int(v) for v in voxel_num)
-    x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
-    inside = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
+    inside = in_grid(cells, voxel_num)
     return inside.reshape(inside.shape[1], -1).mean(axis=1).tolist()
 
 
@@ -96,11 +94,10 @@ class PreviousCells(nn.Module):
         n = self.sensor2ego.shape[1]
         combine = ego_motion.matmul(self.sensor2ego).matmul(self.inv_intrin)
         points = combine.view(1, n, 1, 1, 1, 4, 4).matmul(self.cam_points).squeeze(-1)[..., :3]
-        cells = ((points - (self.voxel_coord - self.voxel_size / 2.0)) / self.voxel_size).int()
-        x, y, z = cells[..., 0], cells[..., 1], cells[..., 2]
-        nx, ny, nz = self.voxel_num
-        inside = (x >= 0) & (x < nx) & (y >= 0) & (y < ny) & (z >= 0) & (z < nz)
-        return torch.where(inside, y * nx + x, torch.full_like(x, -1)).reshape(-1).int()
+        cells = to_cells(points, self.voxel_coord, self.voxel_size)
+        x, y = cells[..., 0], cells[..., 1]
+        inside = in_grid(cells, self.voxel_num)
+        return torch.where(inside, y * self.voxel_num[0] + x, torch.full_like(x, -1)).reshape(-1).int()
 
 
 class StreamingBEVDepth(nn.Module):
