@@ -2,12 +2,14 @@
 
 One prepared run, under 8 minutes on an H100/H200-class GPU:
 
-1. each kernel (PillarScatter, BEVPool sorted and unsorted, MSDA fp32/fp16/int8) at
+1. each kernel (PillarScatter, BEVPool sorted and unsorted, MSDA fp32/fp16/int8, DeformConv) at
    a recipe's shapes against its PyTorch decomposition on the same GPU (index-put
    scatter, the naive LSS pooling over the materialised frustum, grid_sample MSDA):
    max error (fp32 and fp16 against the fp32 reference), median time with CUDA
    events, the speed-up, and the achieved fraction of HBM bandwidth (bytes the kernel
-   must move at least / time / the device's peak);
+   must move at least / time / the device's peak); and the TensorRT AOT form of each
+   kernel (what an AOT plugin launches: one launch into an uncleared output) timed and
+   checked the same way;
 2. whole converted models in PyTorch on CUDA with the kernels and with their
    PyTorch references (``deploykit.ops.kernels`` switched off), interleaved.
 
@@ -76,9 +78,35 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class _TrtType:
+    """A TensorRT DataType's name, all aot_plan reads of it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+TRT_TYPES = {torch.float32: _TrtType("FLOAT"), torch.float16: _TrtType("HALF"), torch.int32: _TrtType("INT32"),
+             torch.int64: _TrtType("INT64")}
+
+
+def aot(make_plan, inputs, shape, dtype):
+    """A callable running the TensorRT AOT form of a kernel (plan from ``make_plan(shapes,
+    trt types)``) as TensorRT launches it, into a fresh uncleared output."""
+    from plugins import _aot
+
+    plan = make_plan([tuple(t.shape) for t in inputs], [TRT_TYPES[t.dtype] for t in inputs])
+
+    def run():
+        out = torch.empty(shape, dtype=dtype, device=inputs[0].device)
+        _aot.emulate(plan, inputs, [out])
+        return out
+
+    return run
+
+
 def pillar_scatter_case(device: str, quick: bool) -> dict:
     from deploykit.ops.pillar_scatter import reference
-    from plugins.pillar_scatter.triton_kernel import launch
+    from plugins.pillar_scatter.triton_kernel import aot_plan, launch
 
     c, p, h, w = (8, 300, 32, 32) if quick else (64, 40000, 512, 512)  # centerpoint_pillar_nus
     g = torch.Generator().manual_seed(0)
@@ -92,7 +120,9 @@ def pillar_scatter_case(device: str, quick: bool) -> dict:
     return {"op": "PillarScatter", "shape": f"{c}x{p} pillars -> {h}x{w}", "decomposition": "index-put scatter",
             "kernel": lambda: launch(feats, coords, h, w), "reference": lambda: reference(feats, coords, h, w),
             "out": out, "ref": reference(feats, coords, h, w), "bytes": _nbytes(feats, coords, out),
-            "half": lambda: launch(feats.half(), coords, h, w)}
+            "half": lambda: launch(feats.half(), coords, h, w),
+            "aot": aot(lambda sh, ty: aot_plan(sh[0], ty[0], sh[1], ty[1], h, w), [feats, coords], out.shape,
+                       out.dtype)}
 
 
 def bev_pool_cases(device: str, quick: bool) -> list[dict]:
@@ -100,7 +130,7 @@ def bev_pool_cases(device: str, quick: bool) -> list[dict]:
     from deploykit.models.bevdepth.streaming import collapse_z, key_frame_cells
     from deploykit.ops.bev_pool import RANK_NAMES, prepare_ranks, reference
     from deploykit.recipe import load_recipe
-    from plugins.bev_pool.triton_kernel import launch
+    from plugins.bev_pool.triton_kernel import aot_plan, launch
 
     recipe = load_recipe("bevdepth_small" if quick else "bevdepth_r50")
     model = BEVDepth(recipe.model)
@@ -135,16 +165,18 @@ def bev_pool_cases(device: str, quick: bool) -> list[dict]:
     shape = f"{n} cams x {d} bins x {fh}x{fw}, C={cfg.output_channels} -> {ny}x{nx}"
     return [{"op": "BEVPool (sorted)", "shape": shape, "decomposition": "naive LSS (frustum + index_add)",
              "kernel": lambda: launch(depth, feat, *args, *grid), "reference": naive, "out": out, "ref": ref,
-             "bytes": moved, "half": lambda: launch(depth.half(), feat.half(), *args, *grid)},
+             "bytes": moved, "half": lambda: launch(depth.half(), feat.half(), *args, *grid),
+             "aot": aot(lambda sh, ty: aot_plan(sh, ty, *grid), [depth, feat, *args], out.shape, out.dtype)},
             {"op": "BEVPool (unsorted)", "shape": shape, "decomposition": "naive LSS (frustum + index_add)",
              "kernel": lambda: launch(depth, feat, *uargs, *grid), "reference": naive,
              "out": launch(depth, feat, *uargs, *grid), "ref": ref, "bytes": moved,
-             "half": lambda: launch(depth.half(), feat.half(), *uargs, *grid)}]
+             "half": lambda: launch(depth.half(), feat.half(), *uargs, *grid),
+             "aot": aot(lambda sh, ty: aot_plan(sh, ty, *grid), [depth, feat, *uargs], out.shape, out.dtype)}]
 
 
 def msda_cases(device: str, quick: bool) -> list[dict]:
     from deploykit.ops.multi_scale_deformable_attn import reference
-    from plugins.msda.triton_kernel import launch, launch_int8
+    from plugins.msda.triton_kernel import aot_plan, launch, launch_int8
 
     levels = [(6, 10), (3, 5)] if quick else [(64, 176), (32, 88), (16, 44), (8, 22)]  # 256x704 FPN at 1/4..1/32
     heads, dims, points, queries = (2, 8, 2, 40) if quick else (8, 32, 8, 10000)
@@ -169,22 +201,54 @@ def msda_cases(device: str, quick: bool) -> list[dict]:
     shape = f"{queries} queries x {heads} heads x {len(levels)} levels x {points} points, {keys} keys x {dims}"
     return [{"op": "MSDA", "shape": shape, "decomposition": "grid_sample reference", "kernel": lambda: launch(*ins),
              "reference": lambda: reference(*ins), "out": out, "ref": ref, "bytes": _nbytes(*ins, out),
-             "half": lambda: launch(value.half(), shapes, starts, loc.half(), weights.half())},
+             "half": lambda: launch(value.half(), shapes, starts, loc.half(), weights.half()),
+             "aot": aot(aot_plan, list(ins), out.shape, out.dtype)},
             {"op": "MSDA int8 inputs", "shape": shape, "decomposition": "grid_sample reference (fp32)",
              "kernel": lambda: launch_int8(vq, vs, shapes, starts, lq, ls, wq, ws),
              "reference": lambda: reference(*ins), "out": launch_int8(vq, vs, shapes, starts, lq, ls, wq, ws),
-             "ref": deq, "bytes": _nbytes(vq, lq, wq, out), "half": None}]
+             "ref": deq, "bytes": _nbytes(vq, lq, wq, out), "half": None, "aot": None}]
+
+
+def deform_conv_case(device: str, quick: bool) -> dict:
+    from deploykit.ops.deform_conv import reference
+    from plugins.deform_conv.triton_kernel import aot_plan, launch
+
+    # BEVDepth's DepthNet DCN (DeformConv2dPack 512 -> 512, 3x3, groups 4, deform groups 4) at 16x44.
+    b, c, h, w, groups = (1, 16, 6, 7, 2) if quick else (6, 512, 16, 44, 4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, c, h, w, generator=g)
+    offset = torch.randn(b, groups * 18, h, w, generator=g) * 2
+    mask = torch.rand(b, groups * 9, h, w, generator=g)
+    weight = torch.randn(c, c // groups, 3, 3, generator=g) / (c // groups * 9) ** 0.5
+    bias = torch.randn(c, generator=g)
+    x, offset, mask, weight, bias = (t.to(device) for t in (x, offset, mask, weight, bias))
+    attrs = (1, 1, 1, 1, 1, 1, groups, groups)
+
+    def ref():
+        return reference(x, offset, mask, weight, bias, 1, 1, 1, groups, groups)
+
+    out = launch(x, offset, mask, weight, bias, *attrs)
+    ins = [x, offset, mask, weight, bias]
+    return {"op": "DeformConv (DCN v2)", "shape": f"{b}x{c}x{h}x{w}, 3x3, groups {groups}, deform groups {groups}",
+            "decomposition": "grid_sample + matmul reference", "kernel": lambda: launch(*ins, *attrs),
+            "reference": ref, "out": out, "ref": ref(), "bytes": _nbytes(*ins, out),
+            "half": lambda: launch(*(t.half() for t in ins), *attrs),
+            "aot": aot(lambda sh, ty: aot_plan(sh, ty, *attrs), ins, out.shape, out.dtype)}
 
 
 def kernel_rows(device: str, quick: bool, rounds: int, peak: float | None) -> list[dict]:
     rows = []
-    for case in [pillar_scatter_case(device, quick), *bev_pool_cases(device, quick), *msda_cases(device, quick)]:
+    for case in [pillar_scatter_case(device, quick), *bev_pool_cases(device, quick), *msda_cases(device, quick),
+                 deform_conv_case(device, quick)]:
         t_kernel = _time(case["kernel"], device, rounds)
         t_ref = _time(case["reference"], device, rounds)
         half = case["half"]() if case["half"] else None
+        t_aot = _time(case["aot"], device, rounds) if case["aot"] else None
         rows.append({"op": case["op"], "shape": case["shape"], "decomposition": case["decomposition"],
                      "max_rel_error_fp32": _rel(case["out"], case["ref"]),
                      "max_rel_error_fp16": None if half is None else _rel(half, case["ref"]),
+                     "max_rel_error_aot": None if t_aot is None else _rel(case["aot"](), case["ref"]),
+                     "aot_ms": None if t_aot is None else t_aot * 1e3,
                      "kernel_ms": t_kernel * 1e3, "decomposition_ms": t_ref * 1e3, "speedup": t_ref / t_kernel,
                      "bytes": case["bytes"],
                      "hbm_fraction": None if peak is None else case["bytes"] / t_kernel / peak})
@@ -226,16 +290,20 @@ def model_rows(device: str, recipes: list[str], rounds: int) -> list[dict]:
 
 def markdown(report: dict) -> str:
     out = [f"# deploykit GPU kernels on {report['device']}", "",
-           f"Measured {report['date']} by `benchmarks/gpu_check.py` (torch {report['torch']}, triton "
-           f"{report['triton']}); median of {report['rounds']} runs timed with CUDA events; HBM fraction = bytes the "
-           f"op must move / time / peak ({report['peak_bandwidth']} B/s).", "",
-           "| op | shape | decomposition | kernel ms | decomposition ms | speed-up | HBM | err fp32 | err fp16 |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           (f"Measured {report['date']} by `benchmarks/gpu_check.py` (torch {report['torch']}, triton "
+            f"{report['triton']}); median of {report['rounds']} runs timed with {report['timer']}; HBM fraction = "
+            f"bytes the op must move / time / peak ({report['peak_bandwidth']} B/s)."), "",
+           ("| op | shape | decomposition | kernel ms | decomposition ms | speed-up | HBM | err fp32 | err fp16 "
+            "| TensorRT AOT form ms | err AOT |"),
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["kernels"]:
         hbm = "-" if r["hbm_fraction"] is None else f"{r['hbm_fraction']:.0%}"
         f16 = "-" if r["max_rel_error_fp16"] is None else f"{r['max_rel_error_fp16']:.1e}"
+        aot_ms = "-" if r["aot_ms"] is None else f"{r['aot_ms']:.3f}"
+        aot_err = "-" if r["max_rel_error_aot"] is None else f"{r['max_rel_error_aot']:.1e}"
         out.append(f"| {r['op']} | {r['shape']} | {r['decomposition']} | {r['kernel_ms']:.3f} | "
-                   f"{r['decomposition_ms']:.3f} | {r['speedup']:.1f}x | {hbm} | {r['max_rel_error_fp32']:.1e} | {f16} |")
+                   f"{r['decomposition_ms']:.3f} | {r['speedup']:.1f}x | {hbm} | {r['max_rel_error_fp32']:.1e} | {f16} "
+                   f"| {aot_ms} | {aot_err} |")
     out += ["", "| recipe | with kernels ms | PyTorch references ms | speed-up |", "| --- | --- | --- | --- |"]
     out += [f"| {r['recipe']} | {r['with_kernels_ms']:.2f} | {r['references_ms']:.2f} | {r['speedup']:.2f}x |"
             for r in report["models"]]
@@ -257,6 +325,7 @@ def main() -> None:
     recipes = [r for r in args.recipes.split(",") if r and not (args.quick and r == "bevdepth_r50")]
     report = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
               "triton": triton.__version__, "rounds": args.rounds, "peak_bandwidth": peak,
+              "timer": "CUDA events" if device == "cuda" else "perf_counter (interpreter: not a speed measurement)",
               "kernels": kernel_rows(device, args.quick, args.rounds, peak),
               "models": model_rows(device, recipes, args.rounds)}
     stem = "gpu_check_quick" if args.quick else "gpu_check"

@@ -258,10 +258,12 @@ def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
 
 def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str = "function",
                 threads: int | None = None, warmup: int = 10, iterations: int = 50,
-                stages: bool = False, precision: str = "fp32", device: str = "auto") -> dict[str, Any]:
+                stages: bool = False, precision: str = "fp32", device: str = "auto",
+                plugin_impl: str = "aot") -> dict[str, Any]:
     """Benchmark one ONNX model; returns a JSON-ready result. ``stages`` adds the
     per-stage breakdown from a separate profiled session (deploykit.profile).
-    ``backend="tensorrt"`` (where installed) builds at ``precision``; ``backend="torch"``
+    ``backend="tensorrt"`` (where installed) builds at ``precision``, deploykit's plugins
+    as ``plugin_impl`` ("aot" or "jit", see engines.tensorrt.build); ``backend="torch"``
     runs the converted model's PyTorch modules on ``device`` (with deploykit's GPU kernels
     on CUDA where installed); peak host memory and stages are ONNX Runtime measurements
     and are left out there."""
@@ -274,7 +276,7 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
     if not model_path.is_file():
         raise EngineError(f"model {model_path} does not exist")
     if backend == "tensorrt":
-        return _bench_tensorrt(model_path, precision, warmup, iterations)
+        return _bench_tensorrt(model_path, precision, warmup, iterations, plugin_impl)
     if backend == "torch":
         return _bench_torch(model_path, device, threads, warmup, iterations)
     engine = ort_engine.build(model_path, custom_ops=custom_ops, threads=threads)
@@ -298,17 +300,18 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
     return result
 
 
-def _bench_tensorrt(model_path: Path, precision: str, warmup: int, iterations: int) -> dict[str, Any]:
+def _bench_tensorrt(model_path: Path, precision: str, warmup: int, iterations: int,
+                    plugin_impl: str) -> dict[str, Any]:
     from .engines import tensorrt as trt_engine
 
-    engine = trt_engine.build(model_path, precision=precision)
+    engine = trt_engine.build(model_path, precision=precision, plugin_impl=plugin_impl)
     feeds, source = engine_feeds(model_path, engine)
     with console().status(f"timing {model_path} on TensorRT ({warmup} warm-up + {iterations} runs)"):
         seconds = time_calls(lambda: engine.run(feeds), warmup=warmup, iterations=iterations)
     import tensorrt
 
     return _result(model_path, engine, source, seconds, warmup, backend="tensorrt", peak_memory_bytes=None,
-                   settings={"custom_ops": "plugin", "precision": precision, "intra_op_threads": 1,
+                   settings={"custom_ops": f"plugin ({plugin_impl})", "precision": precision, "intra_op_threads": 1,
                              "execution_mode": "sequential", "graph_optimization": "tensorrt",
                              "timing": "host to host, feeds copied in and outputs out each run"},
                    versions={"tensorrt": tensorrt.__version__})

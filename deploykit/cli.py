@@ -98,6 +98,9 @@ def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, 
               help="--backend torch: where the model runs (auto: CUDA if PyTorch sees a GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="TensorRT build precision (int8 for QDQ models: scales from their Q/DQ nodes).")
+@click.option("--plugin-impl", type=click.Choice(["aot", "jit"]), default="aot", show_default=True,
+              help="TensorRT: deploykit's plugins as PTX compiled into the engine (aot, TensorRT >= 10.9) or as "
+                   "a Python callback (jit).")
 @click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function",
               show_default=True, help="How ONNX Runtime runs deploykit's custom nodes.")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores available to this process).")
@@ -109,7 +112,7 @@ def convert(recipe, checkpoints, out, overwrite, passes, no_passes, custom_ops, 
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write bench.json, bench.md and bench.png into this directory.")
 @handle_errors
-def bench(models, backend, device, precision, custom_ops, threads, warmup, iterations, json_path, stages,
+def bench(models, backend, device, precision, plugin_impl, custom_ops, threads, warmup, iterations, json_path, stages,
           report_dir):
     """Measure latency, size and peak memory of one or more ONNX models.
 
@@ -124,7 +127,8 @@ def bench(models, backend, device, precision, custom_ops, threads, warmup, itera
     if warmup < 0 or iterations < 1:
         raise click.BadParameter("--warmup must be >= 0 and --iterations >= 1")
     results = [bench_model(m, backend=backend, custom_ops=custom_ops, threads=threads, warmup=warmup,
-                           iterations=iterations, stages=stages, precision=precision, device=device)
+                           iterations=iterations, stages=stages, precision=precision, device=device,
+                           plugin_impl=plugin_impl)
                for m in models]
     Console(width=max(Console().width, 120)).print(latency_table(results))
     for r in results:

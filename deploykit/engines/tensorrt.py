@@ -45,11 +45,20 @@ def custom_nodes(model_path: Path) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.domain == CUSTOM_DOMAIN})
 
 
+PLUGIN_IMPLS = ("aot", "jit")
+
+
 def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 4.0,
-          plugins: tuple[str | Path, ...] = (), python_plugins: bool | None = None) -> "TrtEngine":
+          plugins: tuple[str | Path, ...] = (), python_plugins: bool | None = None,
+          plugin_impl: str = "aot") -> "TrtEngine":
     """``python_plugins``: run the custom nodes with deploykit's tensorrt.plugin plugins;
-    None (default): when the model has custom nodes and no plugin library is given."""
+    None (default): when the model has custom nodes and no plugin library is given.
+    ``plugin_impl``: which of their implementations TensorRT takes: "aot" (the Triton
+    kernels compiled to PTX into the engine, launched without Python; TensorRT >= 10.9, else
+    JIT) or "jit" (a Python callback per run)."""
     model = Path(model)
+    if plugin_impl not in PLUGIN_IMPLS:
+        raise EngineError(f"plugin_impl must be one of {', '.join(PLUGIN_IMPLS)}, not {plugin_impl}")
     if precision not in PRECISIONS:
         raise EngineError(f"TensorRT precision must be one of {', '.join(PRECISIONS)}, not {precision}")
     if not available():
@@ -77,7 +86,7 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(_network_flags(trt, plugin_impl))  # explicit batch is TensorRT 10's only mode
     parser = trt.OnnxParser(network, logger)
     parsed = parser.parse(tagged, str(model)) if tagged is not None else parser.parse_from_file(str(model))
     if not parsed:
@@ -94,6 +103,14 @@ def build(model: str | Path, *, precision: str = "fp32", workspace_gib: float = 
         raise EngineError(f"TensorRT could not build an engine from {model} at {precision}")
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     return TrtEngine(engine, str(model), precision)
+
+
+def _network_flags(trt, plugin_impl: str) -> int:
+    """tensorrt.plugin insists on a preference when a plugin has both implementations (ours
+    do from TensorRT 10.9); older TensorRT has neither the flags nor aot_impl."""
+    name = "PREFER_AOT_PYTHON_PLUGINS" if plugin_impl == "aot" else "PREFER_JIT_PYTHON_PLUGINS"
+    flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+    return 0 if flag is None else 1 << int(flag)
 
 
 def _with_python_plugins(model: Path) -> bytes:

@@ -43,10 +43,15 @@ def custom_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 def with_plugin_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose deploykit::* nodes carry plugin_namespace="deploykit" (for
-    TensorRT's ONNX parser; ONNX Runtime and other runtimes take the model as exported)."""
+    TensorRT's ONNX parser; ONNX Runtime and other runtimes take the model as exported), their
+    plugin attributes in the order the plugin's ``register`` declares them: TensorRT's AOT
+    plugins hand the creation fields to ``aot_impl`` positionally, in the order received."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    order = {op: list(decl.attributes) for op, decl in declarations().items()}
     for node in custom_nodes(model):
-        kept = [a for a in node.attribute if a.name != "plugin_namespace"]
+        declared = order.get(node.op_type, [])
+        kept = [a for a in node.attribute if a.name not in BINDING_ATTRIBUTES]
+        kept.sort(key=lambda a: declared.index(a.name) if a.name in declared else len(declared))
         del node.attribute[:]
         node.attribute.extend(kept)
         node.attribute.append(helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from . import kernels
 from .onnx_builder import NodeBuilder
 
 OP_TYPE = "DeformConv"
@@ -157,13 +158,24 @@ def _attrs(stride, padding, dilation, groups: int, deform_groups: int) -> dict[s
             "groups": groups, "deform_groups": deform_groups}
 
 
+def _node_reference(x, offset, mask, weight, bias, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                    dilation_h: int, dilation_w: int, groups: int, deform_groups: int) -> torch.Tensor:
+    """``reference`` called as the node (and torch.ops.deploykit.deform_conv) is: absent mask
+    and bias as 0-element tensors, the attributes as ints."""
+    return reference(x, offset, _present(mask), weight, _present(bias), (stride_h, stride_w), (pad_h, pad_w),
+                     (dilation_h, dilation_w), groups, deform_groups)
+
+
 class DeformConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation, groups: int, deform_groups: int,
                 form: str = "custom"):
         ctx.save_for_backward(x, offset, mask, weight, bias)
         ctx.constants = (stride, padding, dilation, groups, deform_groups)
-        return reference(x, offset, mask, weight, bias, stride, padding, dilation, groups, deform_groups)
+        empty = x.new_zeros(0)
+        attrs = _attrs(stride, padding, dilation, groups, deform_groups)
+        return kernels.forward("deform_conv", _node_reference, x, offset, empty if mask is None else mask, weight,
+                               empty if bias is None else bias, *attrs.values())
 
     @staticmethod
     def backward(ctx, grad):

@@ -12,7 +12,8 @@ import importlib
 from functools import lru_cache
 
 # deploykit op type -> the plugins/ folder (and torch.library name) of its kernel
-KERNELS = {"PillarScatter": "pillar_scatter", "BEVPool": "bev_pool", "MultiScaleDeformableAttn": "msda"}
+KERNELS = {"PillarScatter": "pillar_scatter", "BEVPool": "bev_pool", "MultiScaleDeformableAttn": "msda",
+           "DeformConv": "deform_conv"}
 
 
 @lru_cache(maxsize=None)

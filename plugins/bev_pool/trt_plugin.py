@@ -9,13 +9,11 @@ ranks_depth, ranks_feat, ranks_bev (M,) int32, interval_starts, interval_lengths
   autotune  depth, feat and bev FP32 or FP16 together, the five rank inputs INT32, all LINEAR
   impl      JIT: plugins.bev_pool.triton_kernel.launch on TensorRT's stream, result copied
             into the output buffer (both modes: the kernel tells them apart by K)
-  aot_impl  not defined. TODO(AOT): the output needs zero-filling before the sums land (cells
-            without points stay 0, and the unsorted mode adds with atomics), which TensorRT's
-            single-kernel AOT launch does not do for us; the kernel would have to clear its
-            cells itself (sorted mode: write every cell, zero where no interval lands) and
-            take its arguments as (inputs..., int32 scalars..., outputs...); which mode runs
-            depends on K, a shape TensorRT knows at build time, so the choice can be made in
-            aot_impl from shape expressions once both kernels exist in that form.
+  aot_impl  (TensorRT >= 10.9) plugins.bev_pool.triton_kernel.aot_plan: the owner kernel
+            (zero-fills its cells itself; sorted mode walks intervals without atomics,
+            unsorted mode adds with atomics), compiled to PTX at build time, launched by
+            TensorRT with (the seven inputs, M, K, C, ZYX, CELLS, bev). The mode is chosen
+            from K, a static shape.
 
 No annotations here may be strings (no ``from __future__ import annotations``):
 tensorrt.plugin reads them with ``issubclass``.
@@ -56,3 +54,20 @@ def define(trtp) -> None:
         shared.on_stream(stream, compute,
                          (depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths),
                          outputs[0])
+
+    if not hasattr(trtp, "aot_impl"):  # TensorRT 10.6 to 10.8: JIT only
+        return
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def bev_pool_aot_impl(depth: trtp.TensorDesc, feat: trtp.TensorDesc, ranks_depth: trtp.TensorDesc,
+                          ranks_feat: trtp.TensorDesc, ranks_bev: trtp.TensorDesc, interval_starts: trtp.TensorDesc,
+                          interval_lengths: trtp.TensorDesc, bev_z: int, bev_y: int, bev_x: int,
+                          outputs: tuple[trtp.TensorDesc], tactic: int):
+        from plugins import _aot
+        from plugins.bev_pool import triton_kernel
+
+        descs = (depth, feat, ranks_depth, ranks_feat, ranks_bev, interval_starts, interval_lengths)
+        names = ("depth", "feat", "ranks_depth", "ranks_feat", "ranks_bev", "interval_starts", "interval_lengths")
+        plan = triton_kernel.aot_plan([_aot.static_dims(d, f"BEVPool {n}") for d, n in zip(descs, names)],
+                                      [d.dtype for d in descs], bev_z, bev_y, bev_x)
+        return _aot.result(trtp, plan)

@@ -1,10 +1,9 @@
-"""TensorRT plugin for ``deploykit::DeformConv`` (issue 16).
+"""DeformConv (mmcv's DCN v1 / v2) on the GPU (issue 16): ``triton_kernel`` (one implicit-GEMM
+kernel, ``plan`` for its grid and constexprs, ``launch``), ``torch_op``
+(``torch.ops.deploykit.deform_conv``: Triton on CUDA, deploykit's reference on CPU unless
+TRITON_INTERPRET=1), ``trt_plugin`` (TensorRT). Import the one you need; this package imports
+none of them (nor Triton or TensorRT).
 
-There is no Triton kernel for DeformConv yet: ``trt_plugin`` registers the TensorRT plugin
-"deploykit::DeformConv" whose JIT implementation runs deploykit's PyTorch reference
-(deploykit.ops.deform_conv.reference: grid_sample + a grouped matmul) on CUDA tensors, on
-TensorRT's stream. Correct, but not a fused kernel: expect it to be slower than a dedicated
-deformable-convolution kernel.
-
-Importing this package imports nothing beyond the standard library.
+``trt_plugin``'s JIT implementation launches the Triton kernel on TensorRT's stream; its AOT
+implementation (TensorRT >= 10.9) compiles the same kernel with ``triton_kernel.aot_plan``.
 """

@@ -29,13 +29,14 @@ DequantizeLinear's x and x_scale in place of its output. The value and weight
 scales are constant factors of the sum and are applied once, to the
 accumulator; the location scale is applied before sampling.
 
-The kernel is built on first use (``triton.jit`` of a plain function), once
-for each TRITON_INTERPRET setting seen at launch, so importing this module
-before TRITON_INTERPRET is set (or unset) does not fix the kernel's mode. That
-holds because the kernel calls only triton.language builtins: the parts of
-triton's library written as ``@triton.jit`` functions (tl.zeros, tl.cdiv,
-tl.sum, ...) are built in the mode triton was imported in, and a kernel of the
-other mode cannot call them.
+The kernel calls only triton.language builtins, so ``plugins._triton.current`` can build it
+for whichever TRITON_INTERPRET setting is in force at launch.
+
+AOT form (TensorRT's ahead-of-time plugin, ``aot_plan``): the same kernel, whose runtime
+parameters are already TensorRT's order (the five inputs, num_keys, num_queries,
+num_levels, the output); ``scales_ptr`` is a constexpr None there (no DEQUANT), so it is
+not a parameter of the compiled kernel. Heads, head dims and points are constexprs, taken
+from the node's static shapes.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import FLOAT_DTYPES
+from .._aot import Plan, triton_type
+from .._triton import FLOAT_DTYPES, current
 
 # Locations may be int16 (a quantizer lifted to 16 bits, QDQ with an int16 zero point):
 # an int8 step of amax/127 is a fifth of a pixel on a 20-wide level and more on BEV-sized maps.
 INT_LOCATIONS = (torch.int8, torch.int16)
 
 
-def _msda_fwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, weight_ptr, out_ptr, scales_ptr,
-              num_keys, num_queries, num_levels,
-              HEADS: tl.constexpr, DIMS: tl.constexpr, NUM_POINTS: tl.constexpr,
-              BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, DEQUANT: tl.constexpr):
+@triton.jit
+def msda_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, weight_ptr, num_keys, num_queries, num_levels, out_ptr,
+                scales_ptr, HEADS: tl.constexpr, DIMS: tl.constexpr, NUM_POINTS: tl.constexpr,
+                BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, DEQUANT: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     b = pid_bh // HEADS
@@ -71,7 +73,7 @@ def _msda_fwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, weight_ptr, out_ptr, s
     row_stride = HEADS * DIMS  # elements between value[b, k, m] and value[b, k + 1, m]
     value_bm = value_ptr + (b.to(tl.int64) * num_keys * HEADS + m) * DIMS
 
-    # tl.full, not tl.zeros: zeros is a @jit function of triton's own library (see _kernel).
+    # tl.full, not tl.zeros: zeros is a @jit function of triton's own library (see plugins._triton.current).
     acc = tl.full([BLOCK_Q, BLOCK_D], 0.0, dtype=tl.float32)
     if DEQUANT:
         loc_scale = tl.load(scales_ptr + 1)
@@ -139,18 +141,15 @@ def _msda_fwd(value_ptr, shapes_ptr, starts_ptr, loc_ptr, weight_ptr, out_ptr, s
              mask=q_ok[:, None] & d_ok[None, :])
 
 
-_KERNELS: dict[bool, object] = {}
-
-
-def _kernel():
-    """The kernel for the current TRITON_INTERPRET (triton.jit picks compiled or interpreted
-    when it runs; triton reads the variable then)."""
-    from triton import knobs
-
-    interpret = bool(knobs.runtime.interpret)
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = triton.jit(_msda_fwd)
-    return _KERNELS[interpret]
+def plan(dims: int, queries: int, block_q: int | None = None) -> tuple[int, int]:
+    """(BLOCK_Q, BLOCK_D) for these head dims and queries."""
+    block_d = triton.next_power_of_2(dims)
+    if block_q is None:
+        # ~2K accumulator elements per program: 64 queries at head_dims 32 (BEVFormer).
+        block_q = max(1, min(64, 2048 // block_d, triton.next_power_of_2(queries)))
+    elif block_q < 1 or block_q & (block_q - 1):
+        raise ValueError(f"MSDA: block_q must be a power of two, got {block_q}")
+    return block_q, block_d
 
 
 def _as_level_tensor(x, name: str, device) -> torch.Tensor:
@@ -207,18 +206,12 @@ def _launch(value, spatial_shapes, level_start_index, sampling_locations, attent
         return out
     if levels == 0 or points == 0:
         return out.zero_()
-    block_d = triton.next_power_of_2(dims)
-    if block_q is None:
-        # ~2K accumulator elements per program: 64 queries at head_dims 32 (BEVFormer).
-        block_q = max(1, min(64, 2048 // block_d, triton.next_power_of_2(queries)))
-    elif block_q < 1 or block_q & (block_q - 1):
-        raise ValueError(f"MSDA: block_q must be a power of two, got {block_q}")
+    block_q, block_d = plan(dims, queries, block_q)
     grid = (bs * heads, triton.cdiv(queries, block_q))
-    _kernel()[grid](value, shapes, starts, sampling_locations, attention_weights, out,
-                    scales if scales is not None else out,  # unread unless DEQUANT
-                    num_keys, queries, levels,
-                    HEADS=heads, DIMS=dims, NUM_POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
-                    DEQUANT=scales is not None)
+    current(msda_kernel)[grid](value, shapes, starts, sampling_locations, attention_weights, num_keys, queries,
+                               levels, out, scales if scales is not None else out,  # unread unless DEQUANT
+                               HEADS=heads, DIMS=dims, NUM_POINTS=points, BLOCK_Q=block_q, BLOCK_D=block_d,
+                               DEQUANT=scales is not None)
     return out
 
 
@@ -274,3 +267,18 @@ def launch_int8(value_q: torch.Tensor, value_scale, spatial_shapes, level_start_
     scales = torch.cat([_scale(value_scale, "value_scale", device), _scale(locations_scale, "locations_scale", device),
                         _scale(weights_scale, "weights_scale", device)])
     return _launch(value_q, spatial_shapes, level_start_index, locations_q, weights_q, out_dtype, scales, block_q)
+
+
+def aot_plan(shapes, dtypes) -> Plan:
+    """The AOT launch for a node whose five inputs have these static shapes and TensorRT
+    dtypes (see plugins._aot)."""
+    bs, num_keys, heads, dims = shapes[0]
+    _, queries, _, levels, points, _ = shapes[3]
+    block_q, block_d = plan(dims, queries)
+    names = ("value_ptr", "shapes_ptr", "starts_ptr", "loc_ptr", "weight_ptr")
+    return Plan(msda_kernel, inputs={n: triton_type(d) for n, d in zip(names, dtypes)},
+                scalars={"num_keys": num_keys, "num_queries": queries, "num_levels": levels},
+                outputs={"out_ptr": triton_type(dtypes[0])},
+                constexprs={"scales_ptr": None, "HEADS": heads, "DIMS": dims, "NUM_POINTS": points,
+                            "BLOCK_Q": block_q, "BLOCK_D": block_d, "DEQUANT": False},
+                grid=(bs * heads, triton.cdiv(queries, block_q)))

@@ -10,12 +10,10 @@ levels, points) float; no attributes; output (bs, queries, heads * dims) in valu
             (as exported), all LINEAR
   impl      JIT: plugins.msda.triton_kernel.launch on TensorRT's stream, result copied into
             the output buffer. The level tables reach the kernel as device tensors.
-  aot_impl  not defined. TODO(AOT): the kernel (_msda_fwd) takes (value, shapes, starts,
-            loc, weight, out, scales, ...): the output is not after the inputs and scalars
-            as TensorRT's AOT launch requires, its scales pointer (int8 path) is not an
-            input of this node, and its block sizes are chosen in Python from the shapes;
-            an AOT form needs a kernel entry point in TensorRT's argument order with those
-            choices made from shape expressions.
+  aot_impl  (TensorRT >= 10.9) plugins.msda.triton_kernel.aot_plan: the same kernel,
+            specialised to the node's heads, head dims and points, compiled to PTX at build
+            time, launched by TensorRT with (the five inputs, num_keys, num_queries,
+            num_levels, output)
 
 The fused int8 variant (launch_int8) is not a plugin: in deploykit's TensorRT-flavoured QDQ
 graphs the node sits between DequantizeLinear/QuantizeLinear pairs and sees float tensors.
@@ -52,3 +50,19 @@ def define(trtp) -> None:
 
         shared.on_stream(stream, triton_kernel.launch,
                          (value, spatial_shapes, level_start_index, sampling_locations, attention_weights), outputs[0])
+
+    if not hasattr(trtp, "aot_impl"):  # TensorRT 10.6 to 10.8: JIT only
+        return
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def msda_aot_impl(value: trtp.TensorDesc, spatial_shapes: trtp.TensorDesc, level_start_index: trtp.TensorDesc,
+                      sampling_locations: trtp.TensorDesc, attention_weights: trtp.TensorDesc,
+                      outputs: tuple[trtp.TensorDesc], tactic: int):
+        from plugins import _aot
+        from plugins.msda import triton_kernel
+
+        descs = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        names = ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+        plan = triton_kernel.aot_plan([_aot.static_dims(d, f"MultiScaleDeformableAttn {n}")
+                                       for d, n in zip(descs, names)], [d.dtype for d in descs])
+        return _aot.result(trtp, plan)

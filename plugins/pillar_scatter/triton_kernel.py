@@ -17,6 +17,15 @@ in one cell leave either one (unspecified, as in the reference).
 
 Dtypes: fp32 or fp16 features; the kernel only moves values, so the canvas has the
 features' dtype (the ONNX node's output has its input's type) and is bit-exact.
+
+AOT form (TensorRT's ahead-of-time plugin, ``aot_plan``): one launch must do everything,
+zero-fill included, and TensorRT passes ``(features, coords, P, C, H, W, canvas)``. A
+program cannot zero cells that another program may already have written, so
+``pillar_scatter_owner_kernel`` gives each program a range of BLOCK_R cells (all channels):
+it zeroes them, then scans every pillar and stores those landing in its range. The scan
+is the price: every program reads all P coords (from L2 after the first), so BLOCK_R is
+chosen to make about 256 programs, enough to fill a GPU while keeping the coords traffic
+at 256 x P x 8 bytes. Not measured on a GPU (none was available).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import Plan, triton_type
 from .._triton import check_device, check_float, check_index, current
 
 BLOCK_P = 128
@@ -70,3 +80,49 @@ def launch(features: torch.Tensor, coords: torch.Tensor, height: int, width: int
     current(pillar_scatter_kernel)[grid](features.contiguous(), coords.contiguous(), canvas, pillars, channels,
                                          height, width, BLOCK_P=block_p, BLOCK_C=block_c)
     return canvas
+
+
+OWNER_PROGRAMS = 256  # programs the AOT kernel aims at (see the module docstring)
+OWNER_BLOCK_P = 64
+OWNER_BLOCK_C = 16
+
+
+@triton.jit
+def pillar_scatter_owner_kernel(features_ptr, coords_ptr, P, C, H, W, canvas_ptr,
+                                BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    r0 = tl.program_id(0) * BLOCK_R
+    r = r0 + tl.arange(0, BLOCK_R)
+    # Widened through a tensor: Triton's JIT launcher passes an int equal to 1 as a constexpr.
+    hw = (r0.to(tl.int64) * 0 + H) * W
+    r_ok = r < hw
+    zeros = tl.full([BLOCK_R], 0.0, dtype=canvas_ptr.dtype.element_ty)
+    for ch in range(C):
+        tl.store(canvas_ptr + ch * hw + r, zeros, mask=r_ok)
+    # The zeros must land before this program's pillar stores to the same cells.
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        in_p = p < P
+        p64 = p.to(tl.int64)
+        y = tl.load(coords_ptr + p64 * 4 + 2, mask=in_p, other=-1).to(tl.int64)
+        x = tl.load(coords_ptr + p64 * 4 + 3, mask=in_p, other=-1).to(tl.int64)
+        cell = y * W + x
+        own = in_p & (y >= 0) & (y < H) & (x >= 0) & (x < W) & (cell >= r0) & (cell < r0 + BLOCK_R)
+        for c0 in range(0, C, BLOCK_C):
+            c = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+            m = (c < C)[:, None] & own[None, :]
+            tile = tl.load(features_ptr + c[:, None] * P + p64[None, :], mask=m, other=0.0)
+            tl.store(canvas_ptr + c[:, None] * hw + cell[None, :], tile, mask=m)
+
+
+def aot_plan(features_shape, features_dtype, coords_shape, coords_dtype, height: int, width: int) -> Plan:
+    """The AOT launch for a node with these static shapes and TensorRT dtypes (see _aot)."""
+    _, channels, pillars = features_shape
+    cells = int(height) * int(width)
+    block_r = max(256, triton.next_power_of_2(triton.cdiv(cells, OWNER_PROGRAMS)))
+    return Plan(pillar_scatter_owner_kernel,
+                inputs={"features_ptr": triton_type(features_dtype), "coords_ptr": triton_type(coords_dtype)},
+                scalars={"P": pillars, "C": channels, "H": int(height), "W": int(width)},
+                outputs={"canvas_ptr": triton_type(features_dtype)},
+                constexprs={"BLOCK_R": block_r, "BLOCK_P": OWNER_BLOCK_P, "BLOCK_C": OWNER_BLOCK_C},
+                grid=(max(1, triton.cdiv(cells, block_r)),))

@@ -7,11 +7,9 @@ attributes height, width (int); output canvas (1, C, height, width) in features'
   autotune  features/canvas FP32 or FP16 together, coords INT32, all LINEAR
   impl      JIT: plugins.pillar_scatter.triton_kernel.launch on TensorRT's stream, result
             copied into the output buffer
-  aot_impl  not defined. TODO(AOT): TensorRT's AOT plugins launch one compiled kernel with
-            the tensor arguments ordered (inputs..., int32 scalars..., outputs...). The kernel
-            takes (features, coords, canvas, P, C, H, W), outputs before scalars, and relies on
-            launch() zero-filling the canvas first (torch.zeros): an AOT form needs the zero
-            fill inside the kernel (or a second pass over every cell) and that argument order.
+  aot_impl  (TensorRT >= 10.9) plugins.pillar_scatter.triton_kernel.aot_plan: the owner
+            kernel (zero-fills its cells itself), compiled to PTX at build time for the
+            build GPU, launched by TensorRT with (features, coords, P, C, H, W, canvas)
 
 No annotations here may be strings (no ``from __future__ import annotations``):
 tensorrt.plugin reads them with ``issubclass``.
@@ -42,3 +40,16 @@ def define(trtp) -> None:
 
         shared.on_stream(stream, lambda f, c: triton_kernel.launch(f, c, height, width), (features, coords),
                          outputs[0])
+
+    if not hasattr(trtp, "aot_impl"):  # TensorRT 10.6 to 10.8: JIT only
+        return
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def pillar_scatter_aot_impl(features: trtp.TensorDesc, coords: trtp.TensorDesc, height: int, width: int,
+                                outputs: tuple[trtp.TensorDesc], tactic: int):
+        from plugins import _aot
+        from plugins.pillar_scatter import triton_kernel
+
+        plan = triton_kernel.aot_plan(_aot.static_dims(features, "PillarScatter features"), features.dtype,
+                                      _aot.static_dims(coords, "PillarScatter coords"), coords.dtype, height, width)
+        return _aot.result(trtp, plan)

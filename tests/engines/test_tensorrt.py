@@ -24,6 +24,21 @@ def test_without_tensorrt_the_error_says_what_to_install(converted_dir):
 def test_bad_precision_is_refused_before_anything_else(converted_dir):
     with pytest.raises(EngineError, match="precision must be one of"):
         trt_engine.build(converted_dir / "model.onnx", precision="int4")
+    with pytest.raises(EngineError, match="plugin_impl must be one of aot, jit"):
+        trt_engine.build(converted_dir / "model.onnx", plugin_impl="cubin")
+
+
+def test_network_states_the_plugin_preference_where_tensorrt_has_one():
+    """tensorrt.plugin refuses to create a plugin with both implementations unless the network
+    says which it prefers (TensorRT >= 10.9); older TensorRT has no such flags."""
+    import types
+
+    flags = types.SimpleNamespace(PREFER_AOT_PYTHON_PLUGINS=3, PREFER_JIT_PYTHON_PLUGINS=4)
+    new = types.SimpleNamespace(NetworkDefinitionCreationFlag=flags)
+    assert trt_engine._network_flags(new, "aot") == 1 << 3
+    assert trt_engine._network_flags(new, "jit") == 1 << 4
+    old = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())
+    assert trt_engine._network_flags(old, "aot") == 0
 
 
 @pytest.mark.skipif(not trt_engine.available(), reason="TensorRT is not installed (optional extra)")

@@ -19,6 +19,7 @@ NO_TRITON = "triton is not installed: the plugins' Triton kernels cannot run (pi
 
 
 COMPILE = """
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -32,7 +33,8 @@ def compile_for_hopper(jit, signature, constexprs):
     for arch in (87, 90):
         k = triton.compile(ASTSource(fn=jit, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
         assert k.asm["cubin"], arch
-    return any(a in k.asm["ptx"] for a in ("atom.", "red."))
+    # Instructions, not substrings: "red." is also in "shared.".
+    return re.search(r"\\b(?:atom|red)\\.", k.asm["ptx"]) is not None
 """
 
 

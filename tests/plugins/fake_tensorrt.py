@@ -10,8 +10,9 @@ from its Python sources) and enforces:
   is not reserved and ids without dots; one registration per id.
 * ``impl`` / ``autotune`` / ``aot_impl``: the argument-name schema TensorRT validates:
   (inputs..., a subset of the attributes in register order..., outputs, stream[, tactic])
-  for impl, (inputs..., attributes..., outputs) for autotune, (..., outputs, tactic) for
-  aot_impl; annotated attributes must have register's types.
+  for impl, (inputs..., attributes..., outputs) for autotune, (inputs..., every attribute...,
+  outputs, tactic) for aot_impl, which TensorRT calls with the creation fields positionally in
+  the order they arrive (``aot``); annotated attributes must have register's types.
 * shape expressions: + - * // with an int or an expression on the right only (TensorRT's
   ShapeExpr has no reflected operators), ``cdiv`` / ``max`` / ``min`` as functions; using
   one as a bool raises (in TensorRT it would be an expression, never a value to branch on).
@@ -66,6 +67,17 @@ class ShapeExpr:
     @property
     def is_fake(self) -> bool:
         return self.value is None
+
+    @property
+    def is_constant(self) -> bool:
+        if self.value is None:
+            raise RuntimeError("is_constant is not accessible for fake ShapeExprs (check is_fake)")
+        return True  # the stand-in only models static shapes
+
+    def constant_value(self) -> int:
+        if not self.is_constant:  # pragma: no cover - static shapes only
+            raise RuntimeError("not a constant")
+        return self.value
 
     def _op(self, other, fn):
         if not isinstance(other, (int, ShapeExpr)) or isinstance(other, bool):
@@ -170,20 +182,45 @@ class AutoTuneCombination:
 
 
 class KernelLaunchParams:
-    pass
+    """Grid and block sizes and dynamic shared memory, each an int or a SymInt32."""
+
+    def __init__(self):
+        self.grid_x = self.grid_y = self.grid_z = 1
+        self.block_x = self.block_y = self.block_z = 1
+        self.shared_mem = 0
 
 
 class SymExprs:
-    pass
+    def __init__(self, length: int = 0):
+        self._exprs = [None] * length
+
+    def __len__(self):
+        return len(self._exprs)
+
+    def __iter__(self):
+        return iter(self._exprs)
+
+    def __getitem__(self, index):
+        return self._exprs[index]
+
+    def __setitem__(self, index, value):
+        if index >= len(self._exprs):
+            raise IndexError("Index out of range")
+        if isinstance(value, bool) or not isinstance(value, (int, SymInt32)):
+            raise ValueError(f"Value should be int or SymIntExpr. Got '{type(value)}'")  # noqa: TRY004 - as TensorRT
+        self._exprs[index] = value if isinstance(value, SymInt32) else SymInt32(value)
 
 
 class SymIntExprs(SymExprs):
-    def __init__(self, count: int = 0):
-        self.count = count
+    pass
 
 
 class SymInt32:
-    def __init__(self, value):
+    def __init__(self, value=None):
+        if isinstance(value, ShapeExpr):
+            value = value.value
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"SymInt32 takes an int or a ShapeExpr, not {type(value).__name__}")
         self.value = value
 
 
@@ -254,6 +291,10 @@ def _check_schema(fn, record: PluginRecord, kind: str) -> tuple[list[str], bool]
         if ann is not sig.empty and ann is not record.attributes[n]:
             raise ValueError(f"{kind}: attribute {n} annotated {ann!r}, registered as {record.attributes[n]!r}")
     ordered = [n for n in record.attributes if n in attrs]
+    if kind == "aot_impl" and ordered != list(record.attributes):
+        # TensorRT's AOT plugin calls aot_impl with every creation field, positionally
+        # (_TemplateAOTPlugin.get_launch_params: *inputs, *attrs.values(), outputs, tactic).
+        raise ValueError(f"aot_impl must take every attribute, in register's order: {list(record.attributes)}")
     takes_tactic = "tactic" in names
     tail = {"impl": ["outputs", "stream"] + (["tactic"] if takes_tactic else []),
             "autotune": ["outputs"], "aot_impl": ["outputs", "tactic"]}[kind]
@@ -393,6 +434,31 @@ class FakePluginModule:
                 raise ValueError(f"{plugin_id}: AutoTuneCombination for {len(c.io_types)} I/Os, the plugin has "
                                  f"{len(record.inputs) + record.num_outputs}")
         return combos
+
+
+    def aot(self, plugin_id: str, inputs, attributes: dict, tactic: int = 0):
+        """Call ``plugin_id``'s aot_impl as TensorRT does at build time (static input shapes)
+        and check what it returns: (kernel name, PTX, KernelLaunchParams, SymIntExprs of
+        SymInt32)."""
+        record = self.registry[plugin_id]
+        if record.aot_impl is None:
+            raise ValueError(f"{plugin_id} has no aot_impl")
+        descs = [TensorDesc(ShapeExprs(list(shape)), dtype) for shape, dtype in inputs]
+        outs = tuple(self._outputs(record, descs, attributes))
+        cast = self._attrs(record, attributes)
+        # Positionally, in the order the fields arrive (the node's attribute order for the
+        # ONNX parser), as _TemplateAOTPlugin does: hence with_plugin_attributes' reordering.
+        got = record.aot_impl(*descs, *(cast[n] for n in attributes), outs, tactic)
+        if not (isinstance(got, tuple) and len(got) == 4):
+            raise TypeError(f"{plugin_id}: aot_impl returned {got!r}, not (name, ptx, launch params, extra args)")
+        name, ptx, launch, extra = got
+        if not isinstance(name, (str, bytes)) or not isinstance(ptx, (str, bytes)):
+            raise TypeError(f"{plugin_id}: kernel name and PTX must be str or bytes")
+        if not isinstance(launch, KernelLaunchParams):
+            raise TypeError(f"{plugin_id}: launch params must be a KernelLaunchParams, got {type(launch)}")
+        if not isinstance(extra, SymExprs) or not all(isinstance(e, SymInt32) for e in extra):
+            raise TypeError(f"{plugin_id}: extra args must be SymIntExprs of SymInt32")
+        return name, ptx, launch, extra
 
 
 def new() -> FakePluginModule:

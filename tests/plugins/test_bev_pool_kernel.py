@@ -88,7 +88,8 @@ CASES = {
 }
 # Small blocks: many programs, intervals of several lengths in one block; fp16 with the
 # default blocks only (the interpreter is slow).
-RUNS = {"fp32": ({}, torch.float32), "fp32, small blocks": (dict(block_i=4, block_m=16, block_c=4), torch.float32),
+RUNS = {"fp32": ({}, torch.float32),
+        "fp32, small blocks": (dict(block_r=8, block_i=4, block_m=16, block_c=4), torch.float32),
         "fp16": ({}, torch.float16)}
 
 
@@ -119,7 +120,7 @@ def test_cells_without_points_are_exactly_zero(mode):
     grid = (1, 7, 9)
     depth, feat, cells = case(b=2, d=3, h=2, w=3, c=5, grid=grid, seed=5)
     ranks = ranks_for(mode, cells, grid, 5)
-    got = launch(depth, feat, *ranks.values(), *grid, block_i=4, block_m=16)
+    got = launch(depth, feat, *ranks.values(), *grid, block_r=8, block_i=4, block_m=16)
     occupied = torch.zeros(2 * 7 * 9, dtype=torch.bool)
     occupied[ranks["ranks_bev"][ranks["ranks_bev"] >= 0].long()] = True
     cells_last = got.permute(0, 2, 3, 4, 1).reshape(-1, 5)
@@ -252,8 +253,9 @@ from plugins.bev_pool import triton_kernel as k
 for dt in ("fp32", "fp16"):
     common = dict(depth_ptr="*" + dt, feat_ptr="*" + dt, ranks_depth_ptr="*i32", ranks_feat_ptr="*i32",
                   ranks_bev_ptr="*i32", C="i32", ZYX="i32")
-    walk = dict(common, starts_ptr="*i32", lengths_ptr="*i32", out_ptr="*" + dt, K="i32")
-    print(dt, compile_for_hopper(k.bev_pool_intervals_kernel, walk, dict(BLOCK_I=k.BLOCK_I, BLOCK_C=k.BLOCK_C)),
+    owner = dict(common, starts_ptr="*i32", lengths_ptr="*i32", M="i32", K="i32", CELLS="i32", out_ptr="*" + dt)
+    blocks = dict(BLOCK_R=k.SORTED_BLOCK_R, BLOCK_I=k.BLOCK_I, BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C)
+    print(dt, compile_for_hopper(k.bev_pool_owner_kernel, owner, dict(blocks, SORTED=True)),
           compile_for_hopper(k.bev_pool_points_kernel, dict(common, acc_ptr="*fp32", M="i32"),
                              dict(BLOCK_M=k.BLOCK_M, BLOCK_C=k.BLOCK_C)))
 """, tmp_path)

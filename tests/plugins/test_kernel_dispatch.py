@@ -9,7 +9,8 @@ from deploykit.ops.bev_pool import bev_pool, prepare_ranks
 
 
 def test_every_kernel_is_installed_here():
-    assert kernels.available_kernels() == {"PillarScatter": True, "BEVPool": True, "MultiScaleDeformableAttn": True}
+    assert kernels.available_kernels() == {"PillarScatter": True, "BEVPool": True, "MultiScaleDeformableAttn": True,
+                                           "DeformConv": True}
 
 
 class _OnCuda:

@@ -216,7 +216,7 @@ def test_every_custom_op_has_a_plugin_named_after_it(trtp):
         assert definition.PLUGIN_ID == f"{DOMAIN}::{module.OP_TYPE}" == f"deploykit::{op}"
         record = trtp.registry[definition.PLUGIN_ID]
         assert record.impl is not None and record.autotune is not None
-        assert record.aot_impl is None  # JIT only, for now (see each trt_plugin's TODO(AOT))
+        assert record.aot_impl is not None  # AOT from TensorRT 10.9 (tests/plugins/test_trt_aot.py)
         assert record.num_outputs == 1
         # The impl takes every attribute, so TensorRT serializes them all into the engine.
         assert record.impl_attributes == list(record.attributes)
@@ -278,9 +278,8 @@ def test_autotune_offers_the_exported_types(trtp, exported, name):
     for pos, onnx_type in enumerate(exported_types):
         assert ONNX_TO_FAKE[onnx_type] in combo.types_at(pos), (pos, combo.io_types)
     assert set(combo.layouts) == {"LINEAR"}
-    fp16 = {"PillarScatter": True, "MultiScaleDeformableAttn": True, "BEVPool": True, "DeformConv": False}
     floats = [pos for pos, t in enumerate(exported_types) if t == TensorProto.FLOAT]
-    assert all((fake.float16 in combo.types_at(pos)) == fp16[node.op_type] for pos in floats)
+    assert all(fake.float16 in combo.types_at(pos) for pos in floats)  # every kernel has an fp16 form
     # Integer inputs are offered only as exported (no silent int64 -> int32).
     ints = [pos for pos, t in enumerate(exported_types) if t != TensorProto.FLOAT]
     assert all(combo.types_at(pos) == [ONNX_TO_FAKE[exported_types[pos]]] for pos in ints)
@@ -335,13 +334,18 @@ def test_impl_hands_the_node_inputs_and_attributes_to_the_kernel(trtp, exported,
     model = exported[name]
     node = _the_node(model)
     record = trtp.registry[f"deploykit::{node.op_type}"]
-    folder = {"PillarScatter": "pillar_scatter", "MultiScaleDeformableAttn": "msda", "BEVPool": "bev_pool"}
-    if node.op_type in folder:
-        package = importlib.import_module(f"plugins.{folder[node.op_type]}")
-        stub = types.ModuleType(f"plugins.{folder[node.op_type]}.triton_kernel")
-        stub.launch = CUSTOM_OPS[node.op_type].reference
-        monkeypatch.setitem(sys.modules, stub.__name__, stub)
-        monkeypatch.setattr(package, "triton_kernel", stub, raising=False)
+    folder = {"PillarScatter": "pillar_scatter", "MultiScaleDeformableAttn": "msda", "BEVPool": "bev_pool",
+              "DeformConv": "deform_conv"}
+    package = importlib.import_module(f"plugins.{folder[node.op_type]}")
+    stub = types.ModuleType(f"plugins.{folder[node.op_type]}.triton_kernel")
+    stub.launch = CUSTOM_OPS[node.op_type].reference
+    if node.op_type == "DeformConv":  # launch takes the node's attributes one by one
+        def launch(x, off, m, w, b, sh, sw, ph, pw, dh, dw, groups, deform_groups):
+            return deform_conv.reference(x, off, m, w, b, (sh, sw), (ph, pw), (dh, dw), groups, deform_groups)
+
+        stub.launch = launch
+    monkeypatch.setitem(sys.modules, stub.__name__, stub)
+    monkeypatch.setattr(package, "triton_kernel", stub, raising=False)
 
     def on_stream(stream, compute, inputs, output):
         assert stream == 1234
@@ -379,13 +383,30 @@ def test_with_plugin_attributes_adds_the_namespace_and_nothing_else(exported):
             stripped = onnx.NodeProto()
             stripped.CopyFrom(new)
             del stripped.attribute[:]
-            stripped.attribute.extend(a for a in new.attribute if a.name != "plugin_namespace")
-            assert stripped == old
+            stripped.attribute.extend(sorted((a for a in new.attribute if a.name != "plugin_namespace"),
+                                             key=lambda a: a.name))
+            unsorted = onnx.NodeProto()
+            unsorted.CopyFrom(old)
+            del unsorted.attribute[:]
+            unsorted.attribute.extend(sorted(old.attribute, key=lambda a: a.name))
+            assert stripped == unsorted
+            # In register's order (the exporter writes BEVPool's as bev_x, bev_y, bev_z).
+            declared = list(tp.declarations()[new.op_type].attributes)
+            assert [a.name for a in new.attribute][:-1] == declared
         assert len(model.graph.node) == len(tagged.graph.node)
         assert tagged.graph.initializer == model.graph.initializer and tagged.graph.output == model.graph.output
         # Idempotent: tagging twice leaves one attribute.
         again = tp.with_plugin_attributes(tagged)
         assert again.SerializeToString() == tagged.SerializeToString()
+
+
+def test_with_plugin_attributes_puts_attributes_in_register_order(exported):
+    """TensorRT's AOT plugins get the attributes positionally: the exporter writes BEVPool's
+    alphabetically (bev_x, bev_y, bev_z), the plugin declares (bev_z, bev_y, bev_x)."""
+    node = _the_node(exported["BEVPool sorted"])
+    assert [a.name for a in node.attribute] == ["bev_x", "bev_y", "bev_z"]
+    tagged = _the_node(tp.with_plugin_attributes(exported["BEVPool sorted"]))
+    assert [a.name for a in tagged.attribute] == ["bev_z", "bev_y", "bev_x", "plugin_namespace"]
 
 
 @pytest.mark.parametrize("mode", ["function", "inline"])

@@ -62,3 +62,32 @@ def test_quantize_writes_a_tensorrt_flavour(bev_recipe, bev_quantized_dir):
     # The same tensors as the fake-quant model with the int16 modules in float.
     assert all(f["cosine"] > 0.999 for f in report["outputs"]), report
     assert report["changes"]["int16_pairs_to_float"] == 0  # exported with those quantizers off
+
+
+MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def test_the_tensorrt_flavour_binds_to_the_plugins(bev_quantized_dir):
+    """What a TensorRT build of model.trt.qdq.onnx meets at each custom node: the plugins'
+    declared outputs match it (check_plugins, through the Q/DQ graph's shapes), every float
+    input is dequantized int8 with at most data movement (Reshape, Transpose, ...) between the
+    DequantizeLinear and the node, which TensorRT moves the DQ across (int8 up to the plugin,
+    the plugin on the float tensor), except where the recipe keeps the input in int16
+    (bevformer_small: the sampling locations), which the flavour leaves in float (TensorRT has
+    no int16); and no Q/DQ pair sits on an integer input."""
+    from deploykit.engines.tensorrt_plugins import check_plugins, custom_nodes, with_plugin_attributes
+
+    model = onnx.load(str(bev_quantized_dir / "model.trt.qdq.onnx"))
+    assert check_plugins(with_plugin_attributes(model)) == []
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes = custom_nodes(model)
+    assert {n.op_type for n in nodes} == {"MultiScaleDeformableAttn"}
+    for node in nodes:
+        value, shapes, starts, locations, weights = node.input
+        for name, int8 in ((value, True), (locations, False), (weights, True)):
+            source = producer[name]
+            while source.op_type in MOVES:
+                source = producer[source.input[0]]
+            assert (source.op_type == "DequantizeLinear") == int8, (node.name, name, source.op_type)
+        for name in (shapes, starts):
+            assert name not in producer or producer[name].op_type not in ("DequantizeLinear", "QuantizeLinear")
