@@ -256,11 +256,43 @@ def engine_feeds(model_path: Path, engine) -> tuple[dict[str, np.ndarray], str]:
     return feeds, "synthetic"
 
 
+# What each backend runs from a `deploykit quantize` directory, best first: the ORT flavours
+# are placed for ONNX Runtime's int8 kernels, the TensorRT flavour for TensorRT's fusions (and
+# has no int16, which TensorRT lacks).
+QUANTIZED_FILES = {"ort": ("model.ort.qdq.onnx", "model.ort.int8.qdq.onnx", "model.qdq.onnx", "model.int8.qdq.onnx"),
+                   "tensorrt": ("model.trt.qdq.onnx",)}
+
+
+def resolve_model(path: str | Path, backend: str) -> Path:
+    """The ONNX file to run: ``path`` itself, or, for a directory, the file ``backend`` should
+    run from it (a convert directory's model.onnx; a quantize directory's flavour for the
+    backend, QUANTIZED_FILES)."""
+    from .errors import EngineError
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise EngineError(f"model {path} does not exist")
+    if (path / "quantizers.json").is_file():
+        if backend == "torch":
+            raise EngineError(f"{path} is a quantize directory; --backend torch runs a convert directory's model")
+        for name in QUANTIZED_FILES[backend]:
+            if (path / name).is_file():
+                return path / name
+        raise EngineError(f"{path} has none of {', '.join(QUANTIZED_FILES[backend])}: quantize it again with this "
+                          "deploykit")
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    raise EngineError(f"{path} is neither a convert nor a quantize directory (no model.onnx, no quantizers.json)")
+
+
 def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str = "function",
                 threads: int | None = None, warmup: int = 10, iterations: int = 50,
                 stages: bool = False, precision: str = "fp32", device: str = "auto",
                 plugin_impl: str = "aot") -> dict[str, Any]:
-    """Benchmark one ONNX model; returns a JSON-ready result. ``stages`` adds the
+    """Benchmark one ONNX model (or the one a convert / quantize directory holds for
+    ``backend``: resolve_model); returns a JSON-ready result. ``stages`` adds the
     per-stage breakdown from a separate profiled session (deploykit.profile).
     ``backend="tensorrt"`` (where installed) builds at ``precision``, deploykit's plugins
     as ``plugin_impl`` ("aot" or "jit", see engines.tensorrt.build); ``backend="torch"``
@@ -270,11 +302,9 @@ def bench_model(model_path: str | Path, *, backend: str = "ort", custom_ops: str
     from .engines import ort as ort_engine
     from .errors import EngineError
 
-    model_path = Path(model_path)
     if backend not in BACKENDS:
         raise EngineError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
-    if not model_path.is_file():
-        raise EngineError(f"model {model_path} does not exist")
+    model_path = resolve_model(model_path, backend)
     if backend == "tensorrt":
         return _bench_tensorrt(model_path, precision, warmup, iterations, plugin_impl)
     if backend == "torch":

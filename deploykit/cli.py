@@ -116,7 +116,10 @@ def bench(models, backend, device, precision, plugin_impl, custom_ops, threads, 
           report_dir):
     """Measure latency, size and peak memory of one or more ONNX models.
 
-    Uses the inputs.npz that `deploykit convert` wrote beside a model, else synthetic inputs.
+    MODELS are ONNX files or directories: a convert directory runs its model.onnx; a quantize
+    directory the file for --backend (ort: model.ort.qdq.onnx, else model.ort.int8.qdq.onnx;
+    tensorrt: model.trt.qdq.onnx). Uses the inputs.npz that `deploykit convert` wrote beside a
+    model (or beside the converted model a quantize directory names), else synthetic inputs.
     """
     from .artifacts import write_json
     from .bench import bench_model
@@ -234,9 +237,11 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
     Always writes into OUT/:
       model.int8.qdq.onnx      int8 Q/DQ everywhere
       model.trt.qdq.onnx       TensorRT flavour (int16 regions as float islands)
+      model.ort.int8.qdq.onnx  ONNX Runtime flavour (Q/DQ placed for its int8 kernels)
       quant_state.safetensors, quantizers.json, fidelity.json/.md, manifest.json
     Only with int16 overrides (recipe patterns, --int16 or --int16-sensitive):
       model.qdq.onnx           int8 + int16 Q/DQ (opset 21)
+      model.ort.qdq.onnx       its ONNX Runtime flavour
     Only with --int16-sensitive:
       sensitivity.json/.md/.png
     """

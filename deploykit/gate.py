@@ -249,7 +249,9 @@ def candidate_context(model: Path) -> tuple[str | None, dict | None]:
 def fidelity_summary(report: dict, model_name: str) -> dict | None:
     """Worst output SQNR (over the recipe's target outputs, as fidelity.json records
     them) and mAP of the configuration a quantized model file holds."""
-    key = {"model.int8.qdq.onnx": "int8", "model.qdq.onnx": "int8_int16"}.get(model_name)
+    # The ORT flavours hold the same quantizers as the files they come from.
+    key = {"model.int8.qdq.onnx": "int8", "model.qdq.onnx": "int8_int16", "model.ort.int8.qdq.onnx": "int8",
+           "model.ort.qdq.onnx": "int8_int16"}.get(model_name)
     if key is None or key not in report:
         return None
     from .quantize.fidelity import worst_output

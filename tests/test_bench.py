@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from deploykit.bench import engine_feeds, interleaved, latency_stats, ratio_interval
+from deploykit.bench import bench_model, engine_feeds, interleaved, latency_stats, ratio_interval
 
 
 def test_latency_stats_on_known_samples():
@@ -70,3 +70,23 @@ def test_bench_model_from_an_unguarded_script(converted_dir, tmp_path, how):
     assert marker.read_text() == "run\n"  # the script ran once
     peak = int(proc.stdout.split("peak")[-1])
     assert peak > 1_000_000  # an ORT session and its arena: megabytes
+
+
+def test_a_directory_runs_the_file_its_backend_should(bev_converted_dir, bev_quantized_dir, tmp_path):
+    """bench on a convert directory runs model.onnx; on a quantize directory, ONNX Runtime runs
+    the ORT flavour (int8 + int16 where there is one) and TensorRT the TensorRT flavour."""
+    from deploykit.bench import resolve_model
+    from deploykit.errors import EngineError
+
+    assert resolve_model(bev_converted_dir, "ort") == bev_converted_dir / "model.onnx"
+    assert resolve_model(bev_quantized_dir, "ort") == bev_quantized_dir / "model.ort.qdq.onnx"
+    assert resolve_model(bev_quantized_dir, "tensorrt") == bev_quantized_dir / "model.trt.qdq.onnx"
+    assert resolve_model(bev_quantized_dir / "model.int8.qdq.onnx", "ort") == bev_quantized_dir / "model.int8.qdq.onnx"
+    with pytest.raises(EngineError, match="quantize directory; --backend torch"):
+        resolve_model(bev_quantized_dir, "torch")
+    with pytest.raises(EngineError, match="neither a convert nor a quantize directory"):
+        resolve_model(tmp_path, "ort")
+    with pytest.raises(EngineError, match="does not exist"):
+        resolve_model(tmp_path / "missing.onnx", "ort")
+    result = bench_model(bev_quantized_dir, warmup=0, iterations=1)
+    assert result["model"].endswith("model.ort.qdq.onnx")

@@ -12,6 +12,9 @@ model on the check samples, for int8 everywhere and for int8 + int16. Writes
     model.qdq.onnx           int8 + the int16 overrides (opset 21), when there are any
     model.trt.qdq.onnx       TensorRT flavour: int16 regions as float islands, one Q/DQ pair
                              per tensor, shared scales on Add/Concat inputs
+    model.ort.int8.qdq.onnx  ONNX Runtime flavour of model.int8.qdq.onnx: Q/DQ placed so ORT
+                             fuses its int8 kernels (QLinearConv, ...), uint8 activations
+    model.ort.qdq.onnx       the same of model.qdq.onnx, when there are int16 overrides
     quant_state.safetensors  float weights + every quantizer's amax
     quantizers.json          name, bits, axis, calibrator and range of each quantizer
     fidelity.json / .md      SQNR, cosine and max error per output, int8 and int8+int16
@@ -52,6 +55,8 @@ from .sensitivity import plot as sensitivity_plot
 CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
 SEARCH_SEED = 1100  # samples the int16 search chooses on
 TRT_FILE = "model.trt.qdq.onnx"
+# ONNX Runtime flavours (ort_flavour) of model.int8.qdq.onnx and model.qdq.onnx
+ORT_FILES = {"int8": "model.ort.int8.qdq.onnx", "int8_int16": "model.ort.qdq.onnx"}
 
 
 @dataclass
@@ -332,6 +337,7 @@ def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list],
     the fake-quant outputs the fidelity step already computed, per configuration."""
     import onnx
 
+    from .ort_flavour import ort_flavour
     from .qdq_export import export_qdq
     from .trt_flavour import tensorrt_flavour
 
@@ -342,6 +348,12 @@ def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list],
         set_bits(qmodel, names16, 16)
         graph = export_qdq(qmodel, samples[0].feeds, scratch / name, opset)
         result[key] = _ort_agreement(fake[key], graph, scratch / name, samples)
+        # ONNX Runtime: the same quantizers, Q/DQ placed for its int8 kernels.
+        ort_name = ORT_FILES[key]
+        ort_graph, changes = ort_flavour(graph)
+        onnx.save(ort_graph, str(scratch / ort_name))
+        result[f"ort_{key}"] = {**_ort_agreement(fake[key], ort_graph, scratch / ort_name, samples),
+                                "changes": changes}
     # TensorRT: the int16 regions run in float, and Q/DQ follows its placement rules.
     set_bits(qmodel, lifted, 8)
     set_mode(qmodel, "off", lifted)

@@ -54,28 +54,46 @@ def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     best exported with the int16 quantizers off (deploykit's pipeline does), so it
     stays at its own opset; int16 pairs still present are removed here."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    removed16 = int16_pairs_to_float(model)
+    merged = merge_duplicate_pairs(model)
+    shared = share_add_concat_scales(model)
+    changes = {"int16_pairs_to_float": removed16, "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared}
+    return model, changes
+
+
+def int16_pairs_to_float(model: onnx.ModelProto) -> int:
+    """Remove the int16 Q/DQ pairs (in place): the regions they quantize become float
+    islands. Returns how many pairs."""
     consts = constant_tensors(model.graph)
-    removed16, merged = 0, 0
-    # 1. int16 pairs become float islands.
     doomed = []
     for q, dq in _pairs(model):
-        if constant_value(consts, q.input[2]).dtype == np.int16:
+        if len(q.input) > 2 and q.input[2] and constant_value(consts, q.input[2]).dtype == np.int16:
             _rename_input(model, dq.output[0], q.input[0])
             doomed += [q, dq]
-            removed16 += 1
     _remove(model, doomed)
-    # 2. One pair per tensor: consumers of duplicate pairs (same tensor, scale and axis) share the first.
+    return len(doomed) // 2
+
+
+def merge_duplicate_pairs(model: onnx.ModelProto) -> int:
+    """One pair per tensor: consumers of duplicate pairs (same tensor, scale and axis) share
+    the first. Returns how many pairs were removed."""
+    consts = constant_tensors(model.graph)
     doomed, seen = [], {}
     for q, dq in _pairs(model):
         key = (q.input[0], constant_value(consts, q.input[1]).tobytes(), tuple((a.name, a.i) for a in q.attribute))
         if key in seen:
             _rename_input(model, dq.output[0], seen[key])
             doomed += [q, dq]
-            merged += 1
         else:
             seen[key] = dq.output[0]
     _remove(model, doomed)
-    # 3. Add / Concat inputs that are all dequantized share the largest scale.
+    return len(doomed) // 2
+
+
+def share_add_concat_scales(model: onnx.ModelProto) -> int:
+    """Add / Concat inputs that are all dequantized (per tensor) share the largest of their
+    scales (a wider range, never a clipped one). Returns how many ops were changed."""
+    consts = constant_tensors(model.graph)
     dq_of = {dq.output[0]: (q, dq) for q, dq in _pairs(model)}
     shared = 0
     for node in model.graph.node:
@@ -92,8 +110,7 @@ def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             for name in {q.input[1], dq.input[1]}:
                 set_constant(consts, name, widest)
         shared += 1
-    changes = {"int16_pairs_to_float": removed16, "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared}
-    return model, changes
+    return shared
 
 
 def duplicate_pairs(model: onnx.ModelProto) -> int:

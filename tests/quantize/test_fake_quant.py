@@ -143,7 +143,8 @@ def test_quantize_bevformer_with_temporal_calibration(bev_recipe, bev_quantized_
     mixed = {f["name"]: f for f in report["int8_int16"]}
     assert mixed["bev_embed"]["sqnr_db"] > int8["bev_embed"]["sqnr_db"]
     assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "fidelity.md", "manifest.json",
-                                                     "model.int8.qdq.onnx", "model.qdq.onnx", "model.trt.qdq.onnx",
+                                                     "model.int8.qdq.onnx", "model.ort.int8.qdq.onnx",
+                                                     "model.ort.qdq.onnx", "model.qdq.onnx", "model.trt.qdq.onnx",
                                                      "quant_state.safetensors", "quantizers.json"]
 
 
