@@ -53,10 +53,6 @@ WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 COMMUTING = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Identity")
 
 
-def _constant_names(model: onnx.ModelProto) -> set[str]:
-    return set(constant_tensors(model.graph))
-
-
 class _Initializers:
     """New initializers with fresh names (never edits a constant others may share)."""
 
@@ -87,8 +83,22 @@ def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def _axis(node: onnx.NodeProto) -> int | None:
     return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+def _channel_shape(node: onnx.NodeProto, ndim: int, scale: np.ndarray) -> list[int]:
+    """The shape a Q/DQ node's scale broadcasts as against its ndim-D input: per tensor, or
+    per channel along the node's axis (ONNX's default axis is 1)."""
+    shape = [1] * ndim
+    if scale.size > 1:
+        axis = _axis(node)
+        shape[1 if axis is None else axis] = -1
+    return shape
 
 
 def _after_relu(tensor: str, producer: dict, depth: int = 0) -> bool:
@@ -142,7 +152,7 @@ def _hoist(model: onnx.ModelProto) -> int:
     """Copy each activation quantizer that sits behind a chain of COMMUTING ops up to the
     chain's start (the chain keeps its own pair, now idempotent); returns how many."""
     consts = constant_tensors(model.graph)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = _producers(model)
     consumers = _consumers(model)
     outputs = {o.name for o in model.graph.output}
     hoisted = 0
@@ -197,12 +207,13 @@ def ort_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     shared = share_add_concat_scales(model)
     concat_outputs = _concat_outputs_take_input_scale(model)
     consts = constant_tensors(model.graph)
-    const_names = _constant_names(model)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    const_names = set(consts)
+    producer = _producers(model)
     inits = _Initializers(model)
-    changes = {"int16_pairs_to_float": int16, "quantizers_hoisted": hoisted, "shapes_moved": shapes, "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared,
-               "concat_outputs_aligned": concat_outputs, "weights_folded": 0,
-               "biases_to_int32": 0, "activations_to_uint8": 0, "relu_ranges_folded": 0}
+    changes = {"int16_pairs_to_float": int16, "quantizers_hoisted": hoisted, "shapes_moved": shapes,
+               "duplicate_pairs_merged": merged, "add_concat_scales_shared": shared,
+               "concat_outputs_aligned": concat_outputs, "weights_folded": 0, "biases_to_int32": 0,
+               "activations_to_uint8": 0, "relu_ranges_folded": 0}
     weight_scale: dict[str, np.ndarray] = {}  # DQ output name -> its scale (weights)
     act_scale: dict[str, float] = {}  # DQ output name -> its scale (activations, per tensor)
     folded_q = []
@@ -211,10 +222,7 @@ def ort_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
         zp = constant_value(consts, q.input[2]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.int8)
         if q.input[0] in const_names:  # a weight: fold Q(constant) into int8
             w = constant_value(consts, q.input[0]).astype(np.float32)
-            axis = _axis(q)
-            shape = [1] * w.ndim
-            if scale.size > 1:
-                shape[1 if axis is None else axis] = -1
+            shape = _channel_shape(q, w.ndim, scale)
             quantized = np.clip(np.rint(w / scale.reshape(shape)) + zp.astype(np.float32).reshape(
                 shape if zp.size > 1 else ()), -128, 127).astype(np.int8)
             dq.input[0] = inits.add(q.input[0] + "_int8", quantized)
@@ -281,7 +289,7 @@ def _transpose_weights_offline(model: onnx.ModelProto) -> int:
     ORT's MatMul selectors. The int8 weight is transposed once instead, its DQ's axis
     following (the same values)."""
     consts = constant_tensors(model.graph)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = _producers(model)
     consumers = _consumers(model)
     inits = _Initializers(model)
     doomed, count = [], 0
@@ -317,7 +325,7 @@ def _dequantize_unfused_weights(model: onnx.ModelProto, uint8_inputs: set[str]) 
     float Conv; a Q/DQ on the output, as ORT's own quantizer writes, rounds every output to
     8 bits.)"""
     consts = constant_tensors(model.graph)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = _producers(model)
     consumers = _consumers(model)
     outputs = {o.name for o in model.graph.output}
     inits = _Initializers(model)
@@ -341,10 +349,7 @@ def _dequantize_unfused_weights(model: onnx.ModelProto, uint8_inputs: set[str]) 
             x = constant_value(consts, dq.input[0]).astype(np.float64)
             scale = constant_value(consts, dq.input[1]).astype(np.float64)
             zp = constant_value(consts, dq.input[2]).astype(np.float64) if len(dq.input) > 2 else np.zeros(())
-            shape = [1] * x.ndim
-            if scale.size > 1:
-                axis = _axis(dq)
-                shape[1 if axis is None else axis] = -1  # ONNX's default axis is 1
+            shape = _channel_shape(dq, x.ndim, scale)
             value = ((x - zp.reshape(shape if zp.size > 1 else ())) * scale.reshape(shape)).astype(np.float32)
             node.input[i] = inits.add(dq.output[0], value)
             if len(consumers.get(dq.output[0], [])) == 1:

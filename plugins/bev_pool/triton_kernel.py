@@ -82,8 +82,8 @@ def bev_pool_points_kernel(depth_ptr, feat_ptr, ranks_depth_ptr, ranks_feat_ptr,
 
 def launch(depth: torch.Tensor, feat: torch.Tensor, ranks_depth: torch.Tensor, ranks_feat: torch.Tensor,
            ranks_bev: torch.Tensor, interval_starts: torch.Tensor, interval_lengths: torch.Tensor,
-           bev_z: int, bev_y: int, bev_x: int, *, block_r: int = None, block_i: int = BLOCK_I, block_m: int = BLOCK_M,
-           block_c: int = BLOCK_C) -> torch.Tensor:
+           bev_z: int, bev_y: int, bev_x: int, *, block_r: int | None = None, block_i: int = BLOCK_I,
+           block_m: int = BLOCK_M, block_c: int = BLOCK_C) -> torch.Tensor:
     """bev (B, C, bev_z, bev_y, bev_x), contiguous, from the ONNX node's inputs: depth
     (B, N, D, H, W) and feat (B, N, H, W, C) fp32/fp16, the five int32 (or int64) rank
     tensors; K = len(interval_starts) > 0 walks the intervals, K = 0 adds per point."""
