@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_bevdepth.py
 	$(PY) benchmarks/bench_normalise_points.py
 	$(PY) benchmarks/bench_quantize.py
+	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_tool.py
 
 clean:

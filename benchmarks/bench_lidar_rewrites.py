@@ -24,6 +24,8 @@ from deploykit.compare import compare_outputs  # noqa: E402
 from deploykit.bench import compare_engines  # noqa: E402
 from deploykit.engines.ort import build  # noqa: E402
 from deploykit.export import export_onnx, load_model, simplify  # noqa: E402
+from deploykit.models import pillar_format  # noqa: E402
+from deploykit.models.centerpoint_pillar import encoder_input  # noqa: E402
 from deploykit.samples import torch_outputs  # noqa: E402
 from deploykit.passes import apply_passes  # noqa: E402
 from deploykit.preprocess.pillar_inputs import sample_inputs  # noqa: E402
@@ -40,15 +42,17 @@ class PillarStage(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.pts_voxel_encoder, self.pts_middle_encoder = model.pts_voxel_encoder, model.pts_middle_encoder
+        self.pts_pillar_decoration = model.pts_pillar_decoration  # after decorate_in_graph, the stage's too
         self.input_layout, self.input_names, self.output_names = model.input_layout, model.input_names, ["canvas"]
         self.eval()
 
-    def forward(self, pillars, coords):
-        return (self.pts_middle_encoder(self.pts_voxel_encoder(pillars), coords),)
+    def forward(self, pillars, coords, num_points=None):
+        feats = self.pts_voxel_encoder(encoder_input(self, pillars, coords, num_points))
+        return (self.pts_middle_encoder(feats, coords),)
 
 
 def export(model, recipe, workdir: Path, name: str):
-    sample = sample_inputs(recipe.model, SAMPLE_SEED, model.input_layout)
+    sample = sample_inputs(recipe.model, SAMPLE_SEED, *pillar_format(model))
     path = workdir / f"{name}.onnx"
     export_onnx(model, sample.feeds, path, recipe.convert.opset)
     simplify(path)

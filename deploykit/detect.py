@@ -46,17 +46,11 @@ class ModelDir:
     manifest: dict  # the converted directory's
 
     @property
-    def layout(self) -> str:
-        from .export import input_layout
+    def pillars(self):
+        """How the engine takes its pillars: deploykit.preprocess.pillar_inputs.PillarFormat."""
+        from .export import pillar_format
 
-        return input_layout(self.manifest)
-
-    @property
-    def scale(self):
-        """The pillar input's per-channel divisor (normalise_points), or None."""
-        from .export import input_scale
-
-        return input_scale(self.manifest)
+        return pillar_format(self.manifest)
 
     @property
     def rig(self):
@@ -116,10 +110,13 @@ class Predictor:
     carrying BEVFormer's temporal state within a scene and starting cold at a new
     scene or after a gap."""
 
-    def __init__(self, recipe: Recipe, engine, *, layout: str = "PNC", scale=None, rig=None):
+    def __init__(self, recipe: Recipe, engine, *, pillars=None, rig=None):
+        """``pillars``: the engine's PillarFormat (default: mmdet3d's raw PNC, decorated)."""
+        from .preprocess.pillar_inputs import PillarFormat
+
         from .models import ARCHITECTURES, camera_config
 
-        self.recipe, self.engine, self.layout, self.scale, self.rig = recipe, engine, layout, scale, rig
+        self.recipe, self.engine, self.pillars, self.rig = recipe, engine, pillars or PillarFormat(), rig
         self.postprocess = ARCHITECTURES[recipe.arch].postprocess
         self.camera = camera_config(recipe.model) is not None
         if self.camera:
@@ -133,7 +130,7 @@ class Predictor:
         start = time.perf_counter()
         cfg = self.recipe.model
         if self.camera:
-            f, points, warnings = runner_frame(frame, cfg, self.rig, self.layout, self.scale)
+            f, points, warnings = runner_frame(frame, cfg, self.rig, self.pillars)
             runner = self.runner
             if runner.scene == f.scene and runner.index is not None and f.index != runner.index + 1:
                 # A gap: the previous frame the model fuses is not in the data; start cold,
@@ -146,7 +143,7 @@ class Predictor:
             engine_s = runner.engine.last_seconds
             # A camera-only model's picture reads the frame's sweep itself (frame_points).
         else:
-            feeds, points, warnings = lidar_feeds(frame, cfg, self.layout, self.scale)
+            feeds, points, warnings = lidar_feeds(frame, cfg, self.pillars)
             prep = time.perf_counter() - start
             t0 = time.perf_counter()
             outputs = self.engine.run(feeds)
@@ -186,13 +183,13 @@ def frame_points(frame) -> np.ndarray | None:
     return read_points(frame.lidar.path, layout=frame.lidar.layout).points
 
 
-def predict_frames(recipe: Recipe, engine, frames, *, layout: str = "PNC", scale=None, rig=None,
+def predict_frames(recipe: Recipe, engine, frames, *, pillars=None, rig=None,
                    description: str = "detecting", quiet: bool = False, on_frame=None) -> dict[str, list[dict]]:
     """Submission boxes per frame token for ``frames`` in order; ``on_frame(frame, prediction)`` sees each."""
     from .detection.submission import boxes_to_nuscenes, nuscenes_class_names
 
     names = nuscenes_class_names(recipe.model)
-    predictor = Predictor(recipe, engine, layout=layout, scale=scale, rig=rig)
+    predictor = Predictor(recipe, engine, pillars=pillars, rig=rig)
     results = {}
     for frame in track(frames, description, quiet=quiet, total=len(frames)):
         pred = predictor(frame)
@@ -251,7 +248,7 @@ def detect(model_dir: str | Path, inputs: str | Path, out: str | Path | None = N
                 _write_occupancy(scratch, md.recipe, frame, pred.occupancy)
                 stats["occupancy_frames"] = stats.get("occupancy_frames", 0) + 1
 
-        results = predict_frames(md.recipe, engine, frames, layout=md.layout, scale=md.scale, rig=rig, quiet=quiet,
+        results = predict_frames(md.recipe, engine, frames, pillars=md.pillars, rig=rig, quiet=quiet,
                                  on_frame=on_frame)
         write_submission(scratch / "detections.json", results,
                          {"use_camera": camera, "use_lidar": lidar, "use_radar": False, "use_map": False,

@@ -205,20 +205,29 @@ def recipe_of_converted(converted: str | Path) -> Recipe:
     return converted_rig(recipe, Path(converted), manifest)
 
 
+def _pillars_entry(manifest: dict) -> dict:
+    return next((i for i in manifest["inputs"] if i["name"] == "pillars"), {})
+
+
 def input_layout(manifest: dict) -> str:
     """The pillar tensor layout a converted model takes ("PNC" for models without one)."""
-    return next((i.get("layout") for i in manifest["inputs"] if i["name"] == "pillars"), None) or "PNC"
+    return _pillars_entry(manifest).get("layout") or "PNC"
 
 
 def input_scale(manifest: dict) -> np.ndarray | None:
-    """The per-channel divisor of a converted model's pillar input (normalise_points), or None."""
-    scale = next((i.get("scale") for i in manifest["inputs"] if i["name"] == "pillars"), None)
+    """The per-channel divisor the host applies to a converted model's pillars (normalise_points), or None."""
+    scale = _pillars_entry(manifest).get("scale")
     return None if scale is None else np.asarray(scale, np.float32)
 
 
-def pillar_format(manifest: dict) -> tuple[str, np.ndarray | None]:
-    """(layout, scale) of a converted model's pillar input, as deploykit.models.pillar_format gives it."""
-    return input_layout(manifest), input_scale(manifest)
+def pillar_format(manifest: dict):
+    """The PillarFormat of a converted model's pillar input, as deploykit.models.pillar_format
+    gives it; manifests written before the decorate_in_graph pass existed say nothing of the
+    decoration, and those engines take decorated pillars."""
+    from .preprocess.pillar_inputs import PillarFormat
+
+    return PillarFormat(input_layout(manifest), input_scale(manifest),
+                        _pillars_entry(manifest).get("decoration") == "graph")
 
 
 def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path | dict | None = None,
@@ -367,8 +376,9 @@ def _check_report(recipe: Recipe, torch_check, ort_check, samples: list[Sample],
 def _pillar_spec(model) -> dict:
     from .models import pillar_format
 
-    layout, scale = pillar_format(model)
-    return {"layout": layout, **({"scale": [float(s) for s in scale]} if scale is not None else {})}
+    layout, scale, in_graph = pillar_format(model)
+    return {"layout": layout, "decoration": "graph" if in_graph else "host",
+            **({"scale": [float(s) for s in scale]} if scale is not None else {})}
 
 
 def _manifest(recipe, model, ckpt_path: Path, ckpt_meta: dict, passes, exported: onnx.ModelProto,

@@ -88,3 +88,33 @@ def test_detect_bad_inputs_are_one_line_and_write_nothing(synth_converted_dir, t
         assert result.exit_code == code, (args, result.output)
         assert text in result.output and result.output.strip().startswith("error:")
         assert "Traceback" not in result.output and not out.exists()
+
+
+def test_an_engine_converted_before_decorate_in_graph_detects_the_same(synth_converted_dir, nuscenes_dir, tmp_path):
+    """The host-decoration path stays for engines exported before the pass: a convert
+    directory without it, its manifest as older deploykit wrote it (no "decoration"
+    key), gives the boxes of the engine that decorates in the graph."""
+    from deploykit.export import convert
+
+    synth = load_recipe("centerpoint_pillar_synth")
+    old = convert(synth, tmp_path / "old", passes=[p for p in synth.convert.passes if p != "decorate_in_graph"],
+                  quiet=True).out_dir
+    manifest = json.loads((old / "manifest.json").read_text())
+    for entry in manifest["inputs"]:
+        entry.pop("decoration", None)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    boxes = {}
+    for name, model in (("old", old), ("new", synth_converted_dir)):
+        out = tmp_path / f"det-{name}"
+        result = CliRunner().invoke(main, ["detect", str(model), "-i", str(nuscenes_dir), "-o", str(out), "-q",
+                                           "--no-pictures"])
+        assert result.exit_code == 0, result.output
+        boxes[name] = json.loads((out / "detections.json").read_text())["results"]
+    assert boxes["old"].keys() == boxes["new"].keys() and sum(map(len, boxes["new"].values())) > 5
+    for token, new in boxes["new"].items():
+        old = boxes["old"][token]
+        assert len(old) == len(new)
+        for box in new:  # the same box, to float32 rounding of the engine's outputs
+            assert any(b["detection_name"] == box["detection_name"]
+                       and np.allclose(b["translation"], box["translation"], atol=1e-3)
+                       and abs(b["detection_score"] - box["detection_score"]) < 1e-4 for b in old), box

@@ -27,7 +27,9 @@ def test_converted_directory_is_complete(converted_dir, small_recipe):
     assert manifest["onnx"]["custom_ops"] == [{"domain": "deploykit", "op_type": "PillarScatter", "count": 1}]
     v = small_recipe.model.voxelization
     pillars = next(i for i in manifest["inputs"] if i["name"] == "pillars")
-    assert pillars["shape"] == [1, small_recipe.model.pillar_channels, v.max_points_per_pillar, v.max_pillars]
+    # Raw point features: the engine decorates them (decorate_in_graph).
+    assert pillars["shape"] == [1, v.point_features, v.max_points_per_pillar, v.max_pillars]
+    assert pillars["decoration"] == "graph"
     assert pillars["layout"] == "CNP"
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(manifest["versions"])
 

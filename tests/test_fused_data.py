@@ -16,9 +16,11 @@ def test_calibration_from_nuscenes_holds_both_sensors_per_frame(tmp_path, fused_
     made = load_calib_set(out, recipe=fused_recipe.name, inputs=manifest["inputs"])
     assert made.temporal and [e["index"] for e in made.entries] == [0, 1, 0, 1]
     sample = next(iter(made))
-    assert set(sample.arrays) == {"img", "can_bus", "pillars", "coords"}
+    assert set(sample.arrays) == {"img", "can_bus", "pillars", "coords", "num_points"}
     assert (sample.arrays["coords"][:, 0] == 0).sum() > 500  # a real sweep's pillars, normalised
-    assert float(np.abs(sample.arrays["pillars"]).max()) <= 1.0
+    # Raw voxels: the engine decorates and normalises them (decorate_in_graph after normalise_points).
+    assert sample.arrays["pillars"].shape[1] == fused_recipe.model.lidar.voxelization.point_features
+    assert sample.arrays["num_points"].dtype == np.int32 and sample.arrays["num_points"].max() >= 1
 
 
 def test_detect_runs_the_fused_engine_over_the_dataset(tmp_path, fused_converted_dir, nuscenes_dir):

@@ -146,14 +146,14 @@ def _ego_pose(path: Path) -> np.ndarray:
                          f"({type(exc).__name__}: {exc})") from None
 
 
-def lidar_feeds(frame: SensorFrame, cfg, layout: str, scale=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+def lidar_feeds(frame: SensorFrame, cfg, pillars) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """(engine feeds, the conformed points, warnings) of one frame for a pillar model
-    (``layout`` and ``scale``: the engine's pillar format, deploykit.models.pillar_format)."""
+    (``pillars``: the engine's PillarFormat, deploykit.models.pillar_format)."""
     from ..preprocess.pillar_inputs import pillar_inputs
     from .sweeps import aggregate_sweeps
 
     points, warnings = aggregate_sweeps(frame, cfg)
-    inputs = pillar_inputs(points, cfg, layout, scale)
+    inputs = pillar_inputs(points, cfg, *pillars)
     return inputs.feeds, points, warnings + inputs.warnings
 
 
@@ -178,11 +178,13 @@ def camera_frame(frame: SensorFrame, cfg, rig):
     return Frame(img, np.asarray(can_bus, np.float64), frame.scene, frame.index)
 
 
-def runner_frame(frame: SensorFrame, cfg, rig, layout: str = "PNC", scale=None):
+def runner_frame(frame: SensorFrame, cfg, rig, pillars=None):
     """(the temporal runner's Frame, LiDAR points or None, warnings) of one frame for a
-    camera model: for a fused one (camera + LiDAR) the Frame also carries the sweep's pillars."""
+    camera model: for a fused one (camera + LiDAR) the Frame also carries the sweep's pillars,
+    packed in ``pillars`` (the engine's PillarFormat; default mmdet3d's)."""
     from ..models import camera_config, lidar_config
     from ..models.bevdepth import BEVDepthConfig
+    from ..preprocess.pillar_inputs import PillarFormat
 
     if isinstance(cfg, BEVDepthConfig):
         from .lss_images import ida_warnings, key_frame
@@ -192,7 +194,7 @@ def runner_frame(frame: SensorFrame, cfg, rig, layout: str = "PNC", scale=None):
     lidar = lidar_config(cfg)
     if lidar is None:
         return f, None, []
-    feeds, points, warnings = lidar_feeds(frame, lidar, layout, scale)
+    feeds, points, warnings = lidar_feeds(frame, lidar, pillars or PillarFormat())
     f.sensors = feeds
     return f, points, warnings
 

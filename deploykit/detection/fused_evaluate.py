@@ -49,11 +49,11 @@ def labelled_scenes(recipe, model, seeds) -> list[tuple]:
     if (to_recipe < 0).all():
         raise RecipeError(f"{recipe.name} detects none of the synthetic scene classes ({', '.join(CLASSES)})")
     grid = occupancy_grid(cfg)
-    layout = pillar_format(model)
+    pillars = pillar_format(model)
     out = []
     for seed in seeds:
         scene = sample_scene(cfg.lidar, int(seed))
-        lidar = pillar_inputs(scene.points, cfg.lidar, *layout)
+        lidar = pillar_inputs(scene.points, cfg.lidar, *pillars)
         camera = camera_inputs(cfg.camera, int(seed), first_frame=True)
         labels = to_recipe[scene.labels]
         b = scene.boxes[labels >= 0].astype(np.float64)

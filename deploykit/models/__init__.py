@@ -45,14 +45,20 @@ class Architecture:
     box_frame: str = "lidar"
 
 
-def pillar_format(model) -> tuple[str, Any]:
-    """(layout, scale) of a model's pillar input: how the host packs the pillars it feeds
-    (the rewrite passes decide both; an unbuilt model takes mmdet3d's raw PNC)."""
+def pillar_format(model):
+    """The PillarFormat (layout, scale, decorate_in_graph) of a model's pillar input: how the
+    host packs the pillars it feeds (the rewrite passes decide it; an unbuilt model takes
+    mmdet3d's raw PNC, decorated)."""
+    from ..preprocess.pillar_inputs import PillarFormat
+
     if model is None:
-        return "PNC", None
+        return PillarFormat()
+    from ..passes.decorate_in_graph import decorates_in_graph
     from ..passes.normalise_points import input_scale
 
-    return getattr(model, "input_layout", "PNC"), input_scale(model)
+    if decorates_in_graph(model):  # the graph divides by the scale itself
+        return PillarFormat(getattr(model, "input_layout", "PNC"), None, True)
+    return PillarFormat(getattr(model, "input_layout", "PNC"), input_scale(model))
 
 
 def _pillar_sample(cfg, seed, model):

@@ -34,7 +34,8 @@ from torch import nn
 
 from .bevformer.model import BEVFormer, BEVFormerConfig, BEVFormerHead, DetrPredictions, rig_projection
 from .bevformer.transformer import DecoderTransformer
-from .centerpoint_pillar import CenterHead, CenterPointPillar, HeadConfig, PillarStreamConfig, build_pillar_stream
+from .centerpoint_pillar import (CenterHead, CenterPointPillar, HeadConfig, PillarStreamConfig, build_pillar_stream,
+                                pillar_input_names)
 from .fpn import FPN
 from .layers import Concat
 from .resnet import ResNet
@@ -296,7 +297,7 @@ class BEVFusion(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return [*BEVFormer.input_names, "pillars", "coords"]
+        return [*BEVFormer.input_names, *pillar_input_names(self)]
 
     @property
     def detection_names(self) -> list[str]:
@@ -323,9 +324,9 @@ class BEVFusion(nn.Module):
         det = self.det_head(fused)
         return (*det, self.occ_head(fused))
 
-    def forward(self, img, can_bus, shift, prev_bev, use_prev_bev, pillars, coords):
+    def forward(self, img, can_bus, shift, prev_bev, use_prev_bev, pillars, coords, num_points=None):
         bev_embed = self.camera_bev(img, can_bus, shift, prev_bev, use_prev_bev)
-        fused = self.fuse(bev_embed, self.lidar_bev(pillars, coords))
+        fused = self.fuse(bev_embed, self.lidar_bev(pillars, coords, num_points))
         return (bev_embed, *self.heads(fused))
 
 

@@ -7,9 +7,10 @@ follows mmdet3d's PillarFeatureNet / PointPillarsScatter / SECOND / SECONDFPN /
 CenterHead exactly. This is the *original* model: the rewrite passes in
 deploykit.passes turn it into the deployable one.
 
-Point decoration (cluster and pillar-center offsets) runs on the host, as real
-deployments do, so the network's input is the decorated pillar tensor plus
-pillar coordinates (``deploykit.preprocess``).
+The original model's input is the decorated pillar tensor plus pillar coordinates, as
+mmdet3d's PFN layers see them (decorated by ``deploykit.preprocess``); the
+``decorate_in_graph`` pass moves the decoration into the network, which then takes the
+raw padded voxels, their point counts and the coordinates.
 """
 
 from __future__ import annotations
@@ -376,6 +377,25 @@ def build_pillar_stream(module: nn.Module, cfg: PillarStreamConfig) -> None:
     module.pts_middle_encoder = PointPillarsScatter(feat, ny, nx)
     module.pts_backbone = SECOND(feat, cfg.backbone)
     module.pts_neck = SECONDFPN(cfg.backbone.out_channels, cfg.neck)
+    # The decorate_in_graph pass sets a PillarDecoration here; None: the input is decorated.
+    module.pts_pillar_decoration = None
+
+
+def pillar_input_names(module: nn.Module) -> list[str]:
+    """The LiDAR stream's inputs: pillars and coords, and the point counts when it decorates."""
+    return ["pillars", "coords", *(["num_points"] if module.pts_pillar_decoration is not None else [])]
+
+
+def encoder_input(module: nn.Module, pillars: torch.Tensor, coords: torch.Tensor,
+                  num_points: torch.Tensor | None) -> torch.Tensor:
+    """What the PFN layers take: ``pillars`` as given, or decorated by the stream itself."""
+    decoration = module.pts_pillar_decoration
+    if decoration is None:
+        return pillars
+    if num_points is None:
+        raise ValueError("this model decorates its pillars in the graph and needs num_points")
+    encoder = module.pts_voxel_encoder
+    return decoration(pillars, num_points, coords, encoder.input_layout, getattr(encoder, "input_scale", None))
 
 
 class CenterPointPillar(nn.Module):
@@ -393,18 +413,20 @@ class CenterPointPillar(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        return ["pillars", "coords"]
+        return pillar_input_names(self)
 
     @property
     def output_names(self) -> list[str]:
         heads = [*self.cfg.head.common_heads, "heatmap"]
         return [f"task{t}.{h}" for t in range(len(self.cfg.head.tasks)) for h in heads]
 
-    def bev_features(self, pillars: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def bev_features(self, pillars: torch.Tensor, coords: torch.Tensor,
+                     num_points: torch.Tensor | None = None) -> torch.Tensor:
         """The LiDAR stream alone: (1, sum(neck.out_channels), ny / stride, nx / stride)."""
-        feats = self.pts_voxel_encoder(pillars)
+        feats = self.pts_voxel_encoder(encoder_input(self, pillars, coords, num_points))
         canvas = self.pts_middle_encoder(feats, coords)
         return self.pts_neck(self.pts_backbone(canvas))
 
-    def forward(self, pillars: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.pts_bbox_head(self.bev_features(pillars, coords)))
+    def forward(self, pillars: torch.Tensor, coords: torch.Tensor,
+                num_points: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return tuple(self.pts_bbox_head(self.bev_features(pillars, coords, num_points)))

@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 from torch import nn
 
 from ..errors import RecipeError
-from . import (bev_pool_op, camera_mlp_fold, deform_conv_op, max_to_maxpool, msda_op, normalise_points,
-               pfn_linear_to_conv, pillar_scatter_op, pillars_on_w, sca_virtual_bev, tsa_mean_to_conv)
+from . import (bev_pool_op, camera_mlp_fold, decorate_in_graph, deform_conv_op, max_to_maxpool, msda_op,
+               normalise_points, pfn_linear_to_conv, pillar_scatter_op, pillars_on_w, sca_virtual_bev, tsa_mean_to_conv)
 
 Pass = Callable[[nn.Module], nn.Module]
 
@@ -25,6 +25,7 @@ PASSES: dict[str, Pass] = {
     "pillars_on_w": pillars_on_w.apply,
     "pillar_scatter_op": pillar_scatter_op.apply,
     "normalise_points": normalise_points.apply,
+    "decorate_in_graph": decorate_in_graph.apply,
     "tsa_mean_to_conv": tsa_mean_to_conv.apply,
     "sca_virtual_bev": sca_virtual_bev.apply,
     "msda_op": msda_op.apply,

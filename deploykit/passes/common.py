@@ -26,3 +26,14 @@ def replace_modules(model: nn.Module, kind: type, rewrite, pass_name: str, needs
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model
+
+
+def stream_config(model: nn.Module, pass_name: str):
+    """The LiDAR stream config (deploykit.models.lidar_config) of a CenterPoint or BEVFusion model."""
+    from ..models import lidar_config
+
+    for attr in ("cfg", "config"):
+        cfg = lidar_config(getattr(model, attr, None))
+        if cfg is not None:
+            return cfg
+    raise RecipeError(f"pass '{pass_name}' needs a model with a LiDAR stream config")

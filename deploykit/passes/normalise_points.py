@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..models.centerpoint_pillar import PillarFeatureNet
+from .common import stream_config
 from .pfn_linear_to_conv import ConvPillarFeatureNet
 
 NAME = "normalise_points"
@@ -68,16 +69,6 @@ def input_scale(model: nn.Module) -> np.ndarray | None:
     return None
 
 
-def _stream_config(model: nn.Module):
-    from ..models import lidar_config
-
-    for attr in ("cfg", "config"):
-        cfg = lidar_config(getattr(model, attr, None))
-        if cfg is not None:
-            return cfg
-    raise RecipeError(f"pass '{NAME}' needs a model with a LiDAR stream config")
-
-
 def apply(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     encoders = [m for m in model.modules() if isinstance(m, (PillarFeatureNet, ConvPillarFeatureNet))]
@@ -85,7 +76,7 @@ def apply(model: nn.Module) -> nn.Module:
         raise RecipeError(f"pass '{NAME}' found no pillar feature net to fold the scale into")
     if any(getattr(e, "input_scale", None) is not None for e in encoders):
         raise RecipeError(f"pass '{NAME}' already ran on this model; list it once")
-    scale = torch.from_numpy(channel_scales(_stream_config(model)))
+    scale = torch.from_numpy(channel_scales(stream_config(model, NAME)))
     for encoder in encoders:
         first = encoder.pfn_layers[0]
         layer = first.linear if isinstance(encoder, PillarFeatureNet) else first.conv

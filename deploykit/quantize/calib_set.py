@@ -165,6 +165,12 @@ def _check_spec(path: Path, spec, inputs: list[dict], temporal: bool, runner: ty
         want = {**{k: v for k, v in want.items() if k not in runner.state_inputs},
                 pose: {"name": pose, "shape": shape, "dtype": dtype}}
     got = {i["name"]: i for i in spec}
+    if "pillars" in want and ("num_points" in want) != ("num_points" in got):
+        sets = ["decorated pillars", "raw voxels and their num_points"]
+        have, takes = sets if "num_points" in want else sets[::-1]
+        raise InputError(f"calibration set {path} holds {have}, the model takes {takes} (it was converted "
+                         f"{'with' if 'num_points' in want else 'without'} the decorate_in_graph pass): make the set "
+                         "again for this converted model with `deploykit calib`")
     for name, w in want.items():
         g = got.get(name)
         shape_differs = g is not None and w["shape"] is not None and list(g["shape"]) != list(w["shape"])
@@ -222,21 +228,21 @@ def build_calib_set(recipe, out: Path, *, samples: int = 16, frames_per_scene: i
             rows += [(f.arrays(), f.scene, f.index)
                      for f in key_frames(camera, f"scene-{s:04d}", frames_per_scene, seed + s)]
         return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite)
-    # The engine's pillar format (layout, normalisation) depends on the passes, not on the weights.
+    # The engine's pillar format (layout, normalisation, decoration) depends on the passes, not on the weights.
     model = apply_passes(build_model(recipe), recipe.convert.passes)
-    layout = pillar_format(model) if lidar else None
+    pillars = pillar_format(model) if lidar else None
     if camera is not None:
         rows = []
         for s in range(-(-samples // frames_per_scene)):
             for frame in synthetic_scene(camera, f"scene-{s:04d}", frames_per_scene, seed + s):
                 # A fused model's LiDAR sweep of the same frame (the synthetic sensors are independent).
-                sweep = pillar_inputs(lidar, seed + len(rows), *layout).feeds if lidar else {}
+                sweep = pillar_inputs(lidar, seed + len(rows), *pillars).feeds if lidar else {}
                 rows.append(({**frame.arrays(), **sweep}, frame.scene, frame.index))
         return write_calib_set(out, recipe.name, rows[:samples], temporal=True, overwrite=overwrite,
-                               pillar_scale=layout[1] if layout else None)
+                               pillar_scale=pillars.scale if pillars else None)
     rows = [(make_sample(recipe, seed + i, model).feeds, f"sweep-{i:04d}", 0) for i in range(samples)]
     return write_calib_set(out, recipe.name, rows, temporal=False, overwrite=overwrite,
-                           pillar_scale=layout[1] if layout else None)
+                           pillar_scale=pillars.scale if pillars else None)
 
 
 def calib(recipe, out: str | Path, *, source: str | Path | None = None, samples: int = 16, frames_per_scene: int = 4,
@@ -290,7 +296,7 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
     camera, lidar = camera_config(recipe.model), lidar_config(recipe.model)
     temporal = camera is not None
     # The engine's pillar format depends on the passes, not on the weights.
-    layout = pillar_format(apply_passes(build_model(recipe), recipe.convert.passes)) if lidar else ("PNC", None)
+    pillars = pillar_format(apply_passes(build_model(recipe), recipe.convert.passes) if lidar else None)
     picked = pick_frames(source.frames, samples, run=frames_per_scene if temporal else 1)
     warnings = camera_warnings(source) if temporal else []
     if len(picked) < samples:
@@ -300,7 +306,7 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
     if temporal:
         rig = load_rig(camera.rig)
         for frame in track(picked, "reading camera frames", quiet=quiet, total=len(picked)):
-            f, _, frame_warnings = runner_frame(frame, recipe.model, rig, *layout)  # a fused model's sweep too
+            f, _, frame_warnings = runner_frame(frame, recipe.model, rig, pillars)  # a fused model's sweep too
             warnings += frame_warnings
             noisy += image_looks_like_noise(f.img[0, 0].transpose(1, 2, 0))
             rows.append((f.arrays(), frame.scene, frame.index))
@@ -311,14 +317,14 @@ def build_calib_set_from_data(recipe, out: Path, source_path: str | Path, *, sam
                             "pixels uncorrelated): ranges calibrated on them will not fit real images")
     else:
         for frame in track(picked, "voxelizing sweeps", quiet=quiet, total=len(picked)):
-            feeds, _, frame_warnings = lidar_feeds(frame, recipe.model, *layout)
+            feeds, _, frame_warnings = lidar_feeds(frame, recipe.model, pillars)
             warnings += frame_warnings
             rows.append((feeds, frame.token, 0))
             origins.append({"scene": frame.scene, "index": frame.index, "token": frame.token})
     print_warnings(warnings, where=f"{out}/calib.json")
     return write_calib_set(Path(out), recipe.name, rows, temporal=temporal, overwrite=overwrite,
                            source=source.describe(), origins=origins, warnings=grouped(warnings),
-                           pillar_scale=layout[1])
+                           pillar_scale=pillars.scale)
 
 
 def _renumber_runs(rows: list) -> list:

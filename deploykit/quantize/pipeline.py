@@ -47,6 +47,7 @@ from .calib_set import CalibSet, build_calib_set, load_calib_set
 from .fidelity import fidelity
 from .fold_bn import fold_batchnorms
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
+from .ort_flavour import widen_output_ranges
 from .sensitivity import group_modules, raise_if_unmet, search_int16
 from .user_data import held_out, score_nds
 from .sensitivity import markdown as sensitivity_markdown
@@ -112,7 +113,7 @@ def default_calib_set(recipe: Recipe, passes: list[str] | None = None) -> Path:
 
 
 def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False,
-              suspects: list[str] | None = None) -> list[str]:
+              suspects: list[str] | None = None, output_ranges: dict | None = None) -> list[str]:
     """Calibrate every quantizer; returns the names of those that saw no data (not on the
     deployed path). ``suspects`` collects the samples that cannot be real data (why, per file)."""
     from ..temporal import sequence_runner
@@ -129,9 +130,11 @@ def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet
         if why:
             suspects.append(f"{sample.file}: {why}")
         if runner is not None:
-            runner.step(runner.frame_from_arrays(sample.arrays, sample.scene, sample.index))
+            outputs = runner.step(runner.frame_from_arrays(sample.arrays, sample.scene, sample.index))
         else:
-            torch_outputs(qmodel, sample.arrays)
+            outputs = torch_outputs(qmodel, sample.arrays)
+        if output_ranges is not None:  # float outputs: calibrating quantizers pass values through
+            widen_output_ranges(output_ranges, outputs)
     return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
 
 
@@ -179,7 +182,8 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         folded, num_folded = fold_batchnorms(model)
         qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)
         suspects: list[str] = []
-        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet, suspects=suspects)
+        output_ranges: dict = {}
+        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet, suspects=suspects, output_ranges=output_ranges)
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
@@ -237,7 +241,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
             n = recipe.check.samples
             report["onnxruntime_vs_fake_quant"] = _export_and_check(qmodel, lifted, samples[:n],
                                                                    {k: v[:n] for k, v in fake.items()}, scratch,
-                                                                   recipe.convert.opset)
+                                                                   recipe.convert.opset, output_ranges)
         with steps.step("write quantized state, fidelity report and manifest"):
             if search is not None:
                 write_json(scratch / "sensitivity.json", search.to_dict())
@@ -330,7 +334,8 @@ def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations) 
     return result
 
 
-def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list], scratch: Path, opset: int) -> dict:
+def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list], scratch: Path, opset: int,
+                      output_ranges: dict | None = None) -> dict:
     """Write model.int8.qdq.onnx, model.qdq.onnx (with the int16 overrides) and
     model.trt.qdq.onnx, and compare ONNX Runtime on each with the fake-quant
     PyTorch model configured the same way, on the check samples. ``fake`` holds
@@ -350,7 +355,7 @@ def _export_and_check(qmodel, lifted: list[str], samples, fake: dict[str, list],
         result[key] = _ort_agreement(fake[key], graph, scratch / name, samples)
         # ONNX Runtime: the same quantizers, Q/DQ placed for its int8 kernels.
         ort_name = ORT_FILES[key]
-        ort_graph, changes = ort_flavour(graph)
+        ort_graph, changes = ort_flavour(graph, output_ranges=output_ranges)
         onnx.save(ort_graph, str(scratch / ort_name))
         result[f"ort_{key}"] = {**_ort_agreement(fake[key], ort_graph, scratch / ort_name, samples),
                                 "changes": changes}

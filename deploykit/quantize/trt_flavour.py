@@ -23,30 +23,7 @@ import numpy as np
 import onnx
 
 from ..onnx_graph import constant_tensors, constant_value, set_constant
-
-
-def _pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """(QuantizeLinear, DequantizeLinear) pairs where the DQ reads the Q directly."""
-    q_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    return [(q_by_output[n.input[0]], n) for n in model.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in q_by_output]
-
-
-def _rename_input(model: onnx.ModelProto, old: str, new: str) -> None:
-    for n in model.graph.node:
-        for i, name in enumerate(n.input):
-            if name == old:
-                n.input[i] = new
-    for o in model.graph.output:
-        if o.name == old:
-            raise ValueError(f"cannot remove the Q/DQ pair producing graph output {old}")
-
-
-def _remove(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> None:
-    ids = {id(n) for n in nodes}
-    keep = [n for n in model.graph.node if id(n) not in ids]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
+from .qdq_graph import qdq_pairs, remove_nodes, rename_input
 
 
 def tensorrt_flavour(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -66,11 +43,11 @@ def int16_pairs_to_float(model: onnx.ModelProto) -> int:
     islands. Returns how many pairs."""
     consts = constant_tensors(model.graph)
     doomed = []
-    for q, dq in _pairs(model):
+    for q, dq in qdq_pairs(model):
         if len(q.input) > 2 and q.input[2] and constant_value(consts, q.input[2]).dtype == np.int16:
-            _rename_input(model, dq.output[0], q.input[0])
+            rename_input(model, dq.output[0], q.input[0])
             doomed += [q, dq]
-    _remove(model, doomed)
+    remove_nodes(model, doomed)
     return len(doomed) // 2
 
 
@@ -79,14 +56,14 @@ def merge_duplicate_pairs(model: onnx.ModelProto) -> int:
     the first. Returns how many pairs were removed."""
     consts = constant_tensors(model.graph)
     doomed, seen = [], {}
-    for q, dq in _pairs(model):
+    for q, dq in qdq_pairs(model):
         key = (q.input[0], constant_value(consts, q.input[1]).tobytes(), tuple((a.name, a.i) for a in q.attribute))
         if key in seen:
-            _rename_input(model, dq.output[0], seen[key])
+            rename_input(model, dq.output[0], seen[key])
             doomed += [q, dq]
         else:
             seen[key] = dq.output[0]
-    _remove(model, doomed)
+    remove_nodes(model, doomed)
     return len(doomed) // 2
 
 
@@ -94,7 +71,7 @@ def share_add_concat_scales(model: onnx.ModelProto) -> int:
     """Add / Concat inputs that are all dequantized (per tensor) share the largest of their
     scales (a wider range, never a clipped one). Returns how many ops were changed."""
     consts = constant_tensors(model.graph)
-    dq_of = {dq.output[0]: (q, dq) for q, dq in _pairs(model)}
+    dq_of = {dq.output[0]: (q, dq) for q, dq in qdq_pairs(model)}
     shared = 0
     for node in model.graph.node:
         if node.op_type not in ("Add", "Concat") or not node.input:
@@ -103,9 +80,9 @@ def share_add_concat_scales(model: onnx.ModelProto) -> int:
             continue
         pairs = [dq_of[i] for i in node.input]
         scales = [constant_value(consts, q.input[1]) for q, _ in pairs]
-        if any(s.size != 1 for s in scales) or len({float(s) for s in scales}) == 1:
+        if any(s.size != 1 for s in scales) or len({float(s.reshape(-1)[0]) for s in scales}) == 1:
             continue
-        widest = max(scales, key=float)
+        widest = max(scales, key=lambda s: float(s.reshape(-1)[0]))  # 0-d or 1-element, as exported
         for q, dq in pairs:
             for name in {q.input[1], dq.input[1]}:
                 set_constant(consts, name, widest)
@@ -115,6 +92,6 @@ def share_add_concat_scales(model: onnx.ModelProto) -> int:
 
 def duplicate_pairs(model: onnx.ModelProto) -> int:
     per_tensor = defaultdict(int)
-    for q, _ in _pairs(model):
+    for q, _ in qdq_pairs(model):
         per_tensor[q.input[0]] += 1
     return sum(c - 1 for c in per_tensor.values())

@@ -25,10 +25,9 @@ class HeldOut:
     recipe: object
     source: object  # deploykit.data.sources.Source
     frames: list  # the source's frames that are not calibration samples
-    layout: str
+    pillars: object  # the engine's PillarFormat (deploykit.preprocess.pillar_inputs)
     rig: object | None
     warnings: list[str]
-    scale: object = None  # the pillar input's divisor (normalise_points), or None
 
     @property
     def temporal(self) -> bool:
@@ -54,12 +53,12 @@ class HeldOut:
             for frame in picked:
                 if runner.scene != frame.scene or runner.index != frame.index - 1:
                     runner.reset()
-                f, _, _ = runner_frame(frame, self.recipe.model, self.rig, self.layout, self.scale)
+                f, _, _ = runner_frame(frame, self.recipe.model, self.rig, self.pillars)
                 out.append(Sample(runner.feeds(f), {}, _info(frame)))
                 runner.step(f)
         else:
             for frame in picked:
-                feeds, _, _ = lidar_feeds(frame, self.recipe.model, self.layout, self.scale)
+                feeds, _, _ = lidar_feeds(frame, self.recipe.model, self.pillars)
                 out.append(Sample(feeds, {}, _info(frame)))
         return out
 
@@ -79,7 +78,7 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
         return None
     from ..camera.rig import load_rig
     from ..data.sources import open_source
-    from ..export import input_layout, input_scale
+    from ..export import pillar_format
     from ..models import camera_config
 
     path = Path(calib_set.source["path"])
@@ -97,7 +96,7 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
     # ``recipe`` carries the converted model's rig (deploykit.export.converted_rig).
     camera = camera_config(recipe.model)
     rig = load_rig(camera.rig) if camera is not None else None
-    return HeldOut(recipe, source, frames, input_layout(manifest), rig, warnings, input_scale(manifest))
+    return HeldOut(recipe, source, frames, pillar_format(manifest), rig, warnings)
 
 
 def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False) -> dict:
@@ -110,7 +109,7 @@ def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False
     out = {"source": str(data.source.path), "frames": len(frames),
            "scenes": list(dict.fromkeys(f.scene for f in frames)), "classes": classes}
     for key, engine in engines.items():
-        results = predict_frames(data.recipe, engine, frames, layout=data.layout, scale=data.scale, rig=data.rig,
+        results = predict_frames(data.recipe, engine, frames, pillars=data.pillars, rig=data.rig,
                                  description=f"scoring {key}", quiet=quiet)
         out[key] = evaluate_frames(frames, results, class_names=classes)
     return out

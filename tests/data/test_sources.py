@@ -8,6 +8,7 @@ from PIL import Image
 
 from deploykit.data.points import write_points_bin
 from deploykit.data.sources import camera_frame, camera_warnings, lidar_feeds, open_source
+from deploykit.preprocess.pillar_inputs import PillarFormat
 from deploykit.errors import InputError
 from deploykit.preprocess.camera_inputs import synthetic_images
 from deploykit.preprocess.pillar_inputs import sample_scene
@@ -42,7 +43,7 @@ def test_a_directory_of_kitti_bins_is_one_scene_in_name_order(tmp_path, synth):
     src = open_source(tmp_path, synth)
     assert src.kind == "points" and [f.token for f in src.frames] == ["000000", "000001", "000002"]
     assert not src.has_ground_truth
-    feeds, points, warnings = lidar_feeds(src.frames[1], synth.model, "CNP")
+    feeds, points, warnings = lidar_feeds(src.frames[1], synth.model, PillarFormat("CNP"))
     assert feeds["pillars"].shape == (1, 11, 16, 6000) and (feeds["coords"][:, -1] >= 0).sum() > 100
     np.testing.assert_array_equal(points[:, 4], 0)  # KITTI has no dt: a single sweep
     single = open_source(tmp_path / "000000.bin", synth)
@@ -55,7 +56,7 @@ def test_ring_index_in_an_npy_is_refused(tmp_path, synth):
     np.save(tmp_path / "sweep.npy", pts)
     frame = open_source(tmp_path / "sweep.npy", synth).frames[0]
     with pytest.raises(InputError, match="ring index"):
-        lidar_feeds(frame, synth.model, "CNP")
+        lidar_feeds(frame, synth.model, PillarFormat("CNP"))
 
 
 def test_camera_frame_directories(tmp_path):

@@ -11,7 +11,7 @@ def test_wrong_shape_dtype_and_missing_inputs_are_named(converted_dir):
     engine = build(converted_dir / "model.onnx", threads=1)
     with np.load(converted_dir / "inputs.npz") as data:
         feeds = {k: data[k] for k in data.files}
-    with pytest.raises(InputError, match=r"'pillars' must be float32\[1, 11, 16, 6000\], got float32\[1, 11, 6000, 16\]"):
+    with pytest.raises(InputError, match=r"'pillars' must be float32\[1, 5, 16, 6000\], got float32\[1, 5, 6000, 16\]"):
         engine.run({**feeds, "pillars": np.ascontiguousarray(feeds["pillars"].swapaxes(2, 3))})
     with pytest.raises(InputError, match=r"'coords' must be int32.*got int64"):
         engine.run({**feeds, "coords": feeds["coords"].astype(np.int64)})

@@ -78,8 +78,9 @@ def test_converted_fused_model_records_its_pillar_format(fused_converted_dir):
     from deploykit.export import pillar_format as manifest_format
 
     manifest = json.loads((fused_converted_dir / "manifest.json").read_text())
-    layout, scale = manifest_format(manifest)
-    assert layout == "CNP" and scale is not None and len(scale) == 11
+    layout, scale, in_graph = manifest_format(manifest)
+    # normalise_points with decorate_in_graph: the graph divides, the host feeds raw voxels
+    assert layout == "CNP" and scale is None and in_graph
     custom = {c["op_type"]: c["count"] for c in manifest["onnx"]["custom_ops"]}
     assert custom["PillarScatter"] == 1 and custom["MultiScaleDeformableAttn"] >= 4
     check = json.loads((fused_converted_dir / "check.json").read_text())
@@ -92,10 +93,13 @@ def test_calibration_set_of_raw_pillars_is_refused_for_a_normalised_model(tmp_pa
 
     from deploykit.quantize.calib_set import build_calib_set, load_calib_set
 
+    # Host decoration (engines converted without decorate_in_graph), where normalising is the host's job.
+    host = [p for p in small_recipe.convert.passes if p != "decorate_in_graph"]
+    small_recipe = dataclasses.replace(small_recipe, convert=dataclasses.replace(small_recipe.convert, passes=host))
     raw = tmp_path / "raw"
     build_calib_set(small_recipe, raw, samples=2)  # the recipe's passes do not normalise
     model = apply_passes(small_model, [*small_recipe.convert.passes, "normalise_points"])
-    layout, scale = pillar_format(model)
+    layout, scale, _ = pillar_format(model)
     inputs = [{"name": "pillars", "shape": list(np.load(raw / "000000.npz")["pillars"].shape), "dtype": "float32",
                "scale": scale.tolist()},
               {"name": "coords", "shape": [small_recipe.model.voxelization.max_pillars, 4], "dtype": "int32"}]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from deploykit.preprocess import voxelize as voxelize_module
 from deploykit.preprocess.synthetic_lidar import make_scene
 from deploykit.preprocess.voxelize import VoxelGrid, Voxels, decorate, pack_pillars, voxelize
 
@@ -23,6 +24,9 @@ NUSCENES_PILLARS = VoxelGrid((-51.2, -51.2, -5.0, 51.2, 51.2, 3.0), (0.2, 0.2, 8
 # A grid whose voxel size is not a power of two and that is not centred, so
 # float32 rounding at voxel boundaries actually matters.
 SMALL_GRID = VoxelGrid((-3.2, -2.4, -1.0, 3.2, 2.4, 1.0), (0.32, 0.16, 0.5), 5, 400)
+KITTI_PILLARS = VoxelGrid((0, -39.68, -3, 69.12, 39.68, 1), (0.16, 0.16, 4), 32, 16000)
+# 83M cells and max_voxels above 2**16: the cell sort and the wide voxel-id sort.
+NUSCENES_VOXELS = VoxelGrid((-54, -54, -5, 54, 54, 3), (0.075, 0.075, 0.2), 10, 90000)
 
 
 def _mmcv_hard_voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
@@ -64,6 +68,51 @@ def _mmcv_hard_voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
             voxels[voxelidx, num] = points[i]
             num_points[voxelidx] += 1
     return Voxels(voxels[:voxel_num], num_points[:voxel_num], coors[:voxel_num])
+
+
+def _sort_based_voxelize(points: np.ndarray, grid: VoxelGrid) -> Voxels:
+    """The vectorized voxelize as it was before the dense cell table: np.unique plus stable argsorts.
+
+    Kept as a second reference that is fast enough for full-size sweeps, where
+    the per-point loop above would take seconds.
+    """
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    pcr = np.asarray(grid.point_cloud_range, dtype=np.float32)
+    lo, size = pcr[:3], np.asarray(grid.voxel_size, dtype=np.float32)
+    nx, ny, _ = grid.grid_size
+
+    cell = np.floor((points[:, :3] - lo) / size)
+    inside = ((cell >= 0) & (cell < np.asarray(grid.grid_size, dtype=np.float32))).all(axis=1)
+    cell = np.where(inside[:, None], cell, 0).astype(np.int64)
+    point_idx = np.flatnonzero(inside)
+    cell = cell[point_idx]
+
+    key = (cell[:, 2] * ny + cell[:, 1]) * nx + cell[:, 0]
+    _, first_point, unique_of_point = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first_point, kind="stable")
+    voxel_of_unique = np.empty_like(order)
+    voxel_of_unique[order] = np.arange(order.size)
+    voxel_of_point, first_point = voxel_of_unique[unique_of_point.reshape(-1)], first_point[order]
+
+    kept_voxel = voxel_of_point < grid.max_voxels
+    dropped_points = int(kept_voxel.size - np.count_nonzero(kept_voxel))
+    point_idx, voxel_of_point = point_idx[kept_voxel], voxel_of_point[kept_voxel]
+    num_voxels = min(len(first_point), grid.max_voxels)
+
+    order = np.argsort(voxel_of_point, kind="stable")
+    counts = np.bincount(voxel_of_point, minlength=num_voxels)
+    group_start = np.cumsum(counts) - counts
+    slot = np.empty_like(order)
+    slot[order] = np.arange(order.size) - group_start[voxel_of_point[order]]
+    kept_slot = slot < grid.max_points
+    point_idx, voxel_of_point, slot = point_idx[kept_slot], voxel_of_point[kept_slot], slot[kept_slot]
+
+    features = np.zeros((num_voxels, grid.max_points, points.shape[1]), dtype=np.float32)
+    features[voxel_of_point, slot] = points[point_idx]
+    num_points = np.bincount(voxel_of_point, minlength=num_voxels).astype(np.int32)
+    coords = cell[first_point[:num_voxels]][:, ::-1].astype(np.int32)
+    return Voxels(features=features, num_points=num_points, coords=np.ascontiguousarray(coords),
+                  dropped_voxels=len(first_point) - num_voxels, dropped_points=dropped_points)
 
 
 def _mmdet3d_decorate(
@@ -163,8 +212,29 @@ def _assert_voxels_equal(actual: Voxels, expected: Voxels) -> None:
     np.testing.assert_array_equal(actual.features, expected.features)
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize(
+def _assert_identical(actual: Voxels, expected: Voxels) -> None:
+    """Every field equal, dtypes and the dropped counts included."""
+    for name in ("features", "num_points", "coords"):
+        a, e = getattr(actual, name), getattr(expected, name)
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert a.flags.c_contiguous, name
+        np.testing.assert_array_equal(a, e, err_msg=name)
+    assert (actual.dropped_voxels, actual.dropped_points) == (expected.dropped_voxels, expected.dropped_points)
+
+
+@pytest.fixture(params=["default", "table", "sort"])
+def cell_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the threshold as shipped, with the cell table forced on, or with it off."""
+    if request.param == "table":
+        monkeypatch.setattr(voxelize_module, "_DENSE_MAX_CELLS", 2**62)
+        monkeypatch.setattr(voxelize_module, "_DENSE_CELLS_PER_POINT", 2**40)
+    elif request.param == "sort":
+        monkeypatch.setattr(voxelize_module, "_DENSE_MAX_CELLS", 0)
+    return request.param
+
+
+# The small grid with loose caps, with both caps binding, and as pillars (one voxel in z).
+SMALL_GRIDS = pytest.mark.parametrize(
     "grid",
     [
         SMALL_GRID,
@@ -173,12 +243,123 @@ def _assert_voxels_equal(actual: Voxels, expected: Voxels) -> None:
     ],
     ids=["caps-loose", "caps-bind", "pillars"],
 )
+
+
+@pytest.mark.parametrize("seed", range(6))
+@SMALL_GRIDS
 def test_voxelize_matches_mmcv_loop(seed: int, grid: VoxelGrid) -> None:
     points = _random_cloud(np.random.default_rng(seed), grid, 1500)
     expected = _mmcv_hard_voxelize(points, grid)
     actual = voxelize(points, grid)
     _assert_voxels_equal(actual, expected)
     assert actual.num_voxels > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+@SMALL_GRIDS
+def test_both_cell_paths_match_mmcv_loop(seed: int, grid: VoxelGrid, cell_path: str) -> None:
+    points = _random_cloud(np.random.default_rng(100 + seed), grid, 1500)
+    expected = _mmcv_hard_voxelize(points, grid)
+    actual = voxelize(points, grid)
+    _assert_voxels_equal(actual, expected)
+    _assert_identical(actual, _sort_based_voxelize(points, grid))
+
+
+@pytest.mark.parametrize(
+    "grid", [NUSCENES_PILLARS, KITTI_PILLARS, NUSCENES_VOXELS], ids=["nuscenes-pillars", "kitti-pillars", "voxels"]
+)
+@pytest.mark.parametrize("source", ["random", "scene"])
+def test_full_size_sweeps_match_the_sort_based_reference(grid: VoxelGrid, source: str, cell_path: str) -> None:
+    # The sizes the fast paths are for; the mmcv loop would take minutes here.
+    if cell_path == "table" and grid is NUSCENES_VOXELS:
+        pytest.skip("a table for 83M cells takes 330 MB; the shipped threshold never builds one")
+    if source == "scene":
+        points = make_scene(0).points  # a nuScenes-range sweep; for KITTI part of it is outside
+    else:
+        points = _random_cloud(np.random.default_rng(11), grid, 200_000, channels=5)
+    expected = _sort_based_voxelize(points, grid)
+    _assert_identical(voxelize(points, grid), expected)
+    if source == "random" and grid is not NUSCENES_VOXELS:
+        # Guard: both caps bind, so the drop bookkeeping is compared too.
+        assert expected.dropped_voxels > 0 and expected.dropped_points > 0
+        assert (expected.num_points == grid.max_points).sum() > 5
+
+
+def test_shipped_threshold_picks_the_table_for_pillars_and_the_sort_for_voxels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sort path sorts the cell keys (bound = number of cells); the table
+    # path only sorts voxel ids (bound = number of voxels).
+    bounds: list[int] = []
+    real_stable_argsort = voxelize_module._stable_argsort
+
+    def recording_stable_argsort(values: np.ndarray, bound: int) -> np.ndarray:
+        bounds.append(bound)
+        return real_stable_argsort(values, bound)
+
+    monkeypatch.setattr(voxelize_module, "_stable_argsort", recording_stable_argsort)
+    points = _random_cloud(np.random.default_rng(12), NUSCENES_PILLARS, 20_000, channels=5)
+    num_cells = {grid: math.prod(grid.grid_size) for grid in (NUSCENES_PILLARS, NUSCENES_VOXELS)}
+
+    voxelize(points, NUSCENES_PILLARS)
+    assert num_cells[NUSCENES_PILLARS] not in bounds
+    bounds.clear()
+    voxelize(points[:1000], NUSCENES_PILLARS)  # 262 cells a point: sorting is cheaper
+    assert bounds[0] == num_cells[NUSCENES_PILLARS]
+    bounds.clear()
+    voxelize(points, NUSCENES_VOXELS)  # 83M cells: a table would be 330 MB
+    assert bounds[0] == num_cells[NUSCENES_VOXELS]
+
+
+def test_negative_zero_and_cell_edges_follow_mmcv(cell_path: str) -> None:
+    # -0.0 - 0.0 is -0.0, whose floor is -0.0 >= 0: mmcv puts it in cell 0, so
+    # a sign-bit or truncation shortcut would get it wrong. The rest sit on,
+    # or one float32 step either side of, cell and range edges.
+    grid = VoxelGrid((0, -1, 0, 1, 1, 1), (0.25, 0.5, 1), max_points=4, max_voxels=100)
+    below, above = np.nextafter(np.float32(0.5), np.float32(0)), np.nextafter(np.float32(0.5), np.float32(1))
+    points = np.array(
+        [
+            [-0.0, 0.0, 0.5],
+            [-np.float32(1e-45), 0.0, 0.5],  # the smallest negative float32: outside
+            [0.5, 0.0, 0.5],
+            [below, 0.0, 0.5],
+            [above, 0.0, 0.5],
+            [0.25, -0.5, -0.0],
+            [1.0, 0.0, 0.5],  # x == max: outside
+            [np.nextafter(np.float32(1), np.float32(0)), np.nextafter(np.float32(1), np.float32(0)), 0.99],
+            [0.5, -1.0, 0.0],
+        ],
+        dtype=np.float32,
+    )
+    voxels = voxelize(points, grid)
+    assert voxels.coords.tolist()[0] == [0, 2, 0]
+    _assert_voxels_equal(voxels, _mmcv_hard_voxelize(points, grid))
+    _assert_identical(voxels, _sort_based_voxelize(points, grid))
+
+
+@pytest.mark.parametrize("count", [0, 5])
+def test_nothing_inside_matches_the_reference_on_both_paths(count: int, cell_path: str) -> None:
+    points = np.full((count, 4), 100.0, np.float32)
+    _assert_identical(voxelize(points, NUSCENES_PILLARS), _sort_based_voxelize(points, NUSCENES_PILLARS))
+
+
+def test_huge_finite_points_are_not_mistaken_for_non_finite() -> None:
+    # The fast finiteness test must not be a sum, which overflows to inf here.
+    points = np.array([[0.5, 0.5, 0.5, 3e38, 3e38], [0.55, 0.55, 0.5, 3e38, -3e38]], np.float32)
+    voxels = voxelize(points, NUSCENES_PILLARS)
+    assert voxels.num_points.tolist() == [2]
+    np.testing.assert_array_equal(voxels.features[0, :2], points)
+
+
+@pytest.mark.parametrize(
+    ("bound", "count"),
+    [(1, 10), (2**16, 5000), (2**16 + 1, 5000), (2**30, 5000), (2**62, 8), (2**62, 1), (5, 0)],
+)
+def test_stable_argsort_is_numpys_stable_argsort(bound: int, count: int) -> None:
+    # Radix sort on uint16, the index packed into an int64 key, and plain timsort.
+    values = np.random.default_rng(bound % 97).integers(0, bound, count, dtype=np.int64)
+    values[: count // 2] = values[0] if count else 0  # long runs of equal values: stability matters
+    np.testing.assert_array_equal(voxelize_module._stable_argsort(values, bound), np.argsort(values, kind="stable"))
 
 
 def test_caps_bind_in_the_random_clouds() -> None:

@@ -20,8 +20,10 @@ def test_calibration_frames_carry_both_sensors_in_scene_order(tmp_path, fused_re
         ("scene-0000", 0), ("scene-0000", 1), ("scene-0000", 2), ("scene-0001", 0), ("scene-0001", 1),
         ("scene-0001", 2)]
     sample = next(iter(calib))
-    assert set(sample.arrays) == {"img", "can_bus", "pillars", "coords"}  # no temporal state stored
-    assert float(np.abs(sample.arrays["pillars"]).max()) <= 1.0  # normalised as the engine takes them
+    assert set(sample.arrays) == {"img", "can_bus", "pillars", "coords", "num_points"}  # no temporal state stored
+    # Raw voxels: the engine decorates and normalises them (decorate_in_graph after normalise_points).
+    assert sample.arrays["pillars"].shape[1] == fused_recipe.model.lidar.voxelization.point_features
+    assert sample.arrays["num_points"].dtype == np.int32 and sample.arrays["num_points"].max() >= 1
 
 
 class _Echo:

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.engines import ort
-from deploykit.quantize.ort_flavour import COMMUTING, ort_flavour, qlinear_kernels
+from deploykit.quantize.ort_flavour import COMMUTING, ort_flavour, qlinear_kernels, widen_output_ranges
 
 RNG = np.random.default_rng(0)
 
@@ -169,7 +169,7 @@ def test_a_linear_layer_gets_its_weight_transposed_offline_and_fused():
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, 6])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     flavoured, changes = ort_flavour(model)
-    assert changes["weight_transposes_folded"] == 1
+    assert changes["weight_layouts_folded"] == 1
     assert "Transpose" not in {n.op_type for n in flavoured.graph.node}
     feeds = {"x": RNG.uniform(-2, 2, (3, 5)).astype(np.float32)}
     want = ort.build(model, threads=1, optimization="none").run(feeds)["out"]
@@ -177,3 +177,234 @@ def test_a_linear_layer_gets_its_weight_transposed_offline_and_fused():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     kernels = qlinear_kernels(flavoured)
     assert "MatMul" not in kernels and "Gemm" not in kernels, kernels  # an int8 kernel (QGemm / QLinearMatMul)
+
+
+def _dead_nodes(model):
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return [n.op_type for n in model.graph.node if not any(o in read for o in n.output)]
+
+
+def test_calibrated_output_ranges_turn_the_head_convs_into_qlinearconv():
+    """output_ranges: the head's last conv gets a uint8 Q/DQ over its calibrated [min, max] and
+    ORT fuses it too; the output then moves by at most half an output step beyond what the
+    other layers' requantization adds (the tolerance of the fusion test above)."""
+    model = _model()
+    x = {"x": RNG.uniform(-4, 4, (1, 8, 10, 12)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(x)["y"]
+    ranges = {}
+    widen_output_ranges(ranges, {"y": want})
+    flavoured, changes = ort_flavour(model, output_ranges=ranges)
+    onnx.checker.check_model(flavoured)
+    assert changes["outputs_quantized"] == 1 and changes["float_convs_weights_dequantized"] == 0
+    assert qlinear_kernels(flavoured).get("QLinearConv", 0) == 3
+    got = ort.build(flavoured, threads=1).run(x)["y"]
+    step = (ranges["y"][1] - min(ranges["y"][0], 0)) / 255
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max() + step / 2
+
+
+def _linear(nodes, inits, name, x, k, n, tail, bias=True):
+    """PyTorch's Linear export: MatMul(x, Transpose(DQ(W))) [+ Add(bias)], W per-channel on axis 0."""
+    w = RNG.standard_normal((n, k)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, f"{name}_w"))
+    wq = _qdq(f"{name}_wq", f"{name}_w", np.abs(w).max(1) / 127, nodes, inits, axis=0)
+    nodes += [helper.make_node("Transpose", [wq], [f"{name}_wt"], perm=[1, 0]),
+              helper.make_node("MatMul", [x, f"{name}_wt"], [f"{name}_mm"])]
+    out = f"{name}_mm"
+    if bias:
+        inits.append(numpy_helper.from_array(RNG.standard_normal(n).astype(np.float32), f"{name}_b"))
+        nodes.append(helper.make_node("Add", [out, f"{name}_b"], [f"{name}_lin"]))
+        out = f"{name}_lin"
+    for op in tail:
+        nodes.append(helper.make_node(op, [out], [f"{out}_{op}"]))
+        out = f"{out}_{op}"
+    return out
+
+
+def _graph_model(nodes, inits, shape, out):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_linear_on_a_3d_input_keeps_its_relu_out_of_the_way_of_qgemm():
+    """MatMul + bias + Relu + Q on [1, tokens, channels]: ORT fuses MatMul + Add into Reshape ->
+    Gemm -> Reshape before its QDQ selectors, and a Relu left between the Reshape and the Q
+    keeps the Gemm float; the flavour drops the Relu (the zero-point-0 uint8 Q clips at 0,
+    exact) and the layer runs as a QGemm with the calibrated per-channel weights."""
+    nodes, inits = [], []
+    x = _qdq("x", "x", 2.0 / 127, nodes, inits)
+    t = _linear(nodes, inits, "fc", x, 8, 16, ["Relu"])
+    y = _qdq("y", t, 6.0 / 127, nodes, inits)
+    nodes.append(helper.make_node("Identity", [y], ["out"]))
+    model = _graph_model(nodes, inits, [1, 20, 8], "out")
+    flavoured, changes = ort_flavour(model)
+    assert changes["relus_dropped"] == 1 and "Relu" not in {n.op_type for n in flavoured.graph.node}
+    kernels = qlinear_kernels(flavoured)
+    assert kernels.get("QGemm", 0) == 1 and "Gemm" not in kernels, kernels
+    feeds = {"x": RNG.uniform(-2, 2, (1, 20, 8)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(feeds)["out"]
+    # The output is on the ReLU range's finer grid (255 steps for the 127 of the export): the
+    # two roundings differ by at most half a step of each.
+    coarse = 6.0 / 127
+    bound = coarse / 2 * (1 + 127 / 255) + 1e-6
+    for level in ("none", "all"):
+        assert np.abs(ort.build(flavoured, threads=1, optimization=level).run(feeds)["out"] - want).max() <= bound
+
+
+def test_a_float_output_linear_becomes_matmul_integer_to_float():
+    """A Linear whose output stays float (sampling offsets, attention weights before a Softmax)
+    runs as ORT's MatMulIntegerToFloat with the bias folded in: the int8 GEMM with a float
+    result, equal to DQ + float MatMul + Add up to float rounding; the input's DQ, read by
+    nothing else now, is removed (ORT would run it anyway)."""
+    nodes, inits = [], []
+    x = _qdq("x", "x", 2.0 / 127, nodes, inits)
+    out = _linear(nodes, inits, "offsets", x, 8, 12, ["Softmax"])
+    model = _graph_model(nodes, inits, [1, 30, 8], out)
+    flavoured, changes = ort_flavour(model)
+    assert changes["matmuls_integer_to_float"] == 1 and not _dead_nodes(flavoured)
+    kernels = qlinear_kernels(flavoured)
+    assert kernels.get("MatMulIntegerToFloat") == 1 and not {"Gemm", "MatMul", "DequantizeLinear"} & set(kernels)
+    feeds = {"x": RNG.uniform(-2, 2, (1, 30, 8)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(feeds)[out]
+    got = ort.build(flavoured, threads=1).run(feeds)[out]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_sliced_packed_weight_and_bias_are_folded_and_fused():
+    """nn.MultiheadAttention's q projection: MatMul(x, Transpose(Slice(DQ(in_proj_weight)))) +
+    Slice(in_proj_bias), then Q: the slices are taken once offline (the per-channel scales of
+    the rows kept with them) and ORT runs a QGemm; unoptimized, the same values."""
+    nodes, inits = [], []
+    x = _qdq("x", "x", 2.0 / 127, nodes, inits)
+    w = RNG.standard_normal((24, 8)).astype(np.float32)  # q, k, v packed: 3 x 8 rows
+    inits += [numpy_helper.from_array(w, "in_w"), numpy_helper.from_array(RNG.standard_normal(24).astype(np.float32),
+                                                                          "in_b")]
+    wq = _qdq("wq", "in_w", np.abs(w).max(1) / 127, nodes, inits, axis=0)
+    for name, value in (("starts", [8]), ("ends", [16]), ("axes", [0])):
+        inits.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    nodes += [helper.make_node("Slice", [wq, "starts", "ends", "axes"], ["wk"]),
+              helper.make_node("Transpose", ["wk"], ["wkt"], perm=[1, 0]),
+              helper.make_node("Slice", ["in_b", "starts", "ends", "axes"], ["bk"]),
+              helper.make_node("MatMul", [x, "wkt"], ["mm"]), helper.make_node("Add", ["mm", "bk"], ["k"])]
+    y = _qdq("y", "k", 6.0 / 127, nodes, inits)
+    nodes.append(helper.make_node("Identity", [y], ["out"]))
+    model = _graph_model(nodes, inits, [5, 8], "out")
+    flavoured, changes = ort_flavour(model)
+    assert changes["weight_layouts_folded"] == 2  # the weight's Slice, then its Transpose
+    assert not {"Slice", "Transpose"} & {n.op_type for n in flavoured.graph.node}
+    feeds = {"x": RNG.uniform(-2, 2, (5, 8)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(feeds)["out"]
+    np.testing.assert_allclose(ort.build(flavoured, threads=1, optimization="none").run(feeds)["out"], want, atol=1e-6)
+    assert qlinear_kernels(flavoured).get("QGemm") == 1
+
+
+def test_one_element_scales_become_scalars_so_ort_fuses_a_qlinear_add():
+    """The exporter writes per-tensor scales as 1-element tensors; ORT's QLinearAdd selector
+    takes only scalars, so a residual DQ + DQ -> Add -> Q stayed float. Scalars, the same
+    values: a QLinearAdd."""
+    nodes, inits = [], []
+    a = _qdq("a", "x", [3.0 / 127], nodes, inits)
+    b = _qdq("b", "x2", [2.0 / 127], nodes, inits)
+    nodes += [helper.make_node("Neg", ["x"], ["x2"]), helper.make_node("Add", [a, b], ["s"])]
+    y = _qdq("y", "s", [4.0 / 127], nodes, inits)
+    nodes.append(helper.make_node("Identity", [y], ["out"]))
+    model = _graph_model(nodes, inits, [1, 4, 6, 6], "out")
+    assert "QLinearAdd" not in qlinear_kernels(model)
+    flavoured, _ = ort_flavour(model)
+    assert qlinear_kernels(flavoured).get("QLinearAdd") == 1
+    feeds = {"x": RNG.uniform(-2, 2, (1, 4, 6, 6)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(feeds)["out"]
+    assert np.abs(ort.build(flavoured, threads=1).run(feeds)["out"] - want).max() <= 4.0 / 127 + 1e-6
+
+
+def _pfn_model(int16: bool):
+    """A PointPillars PFN layer on [1, C, points, pillars]: Q(x) -> 1x1 conv -> Relu -> max over
+    the points -> Expand -> Concat with the per-point features -> Q -> 1x1 conv -> y, with the
+    first layer's quantizers int16 (a sensitivity search's choice) or int8."""
+    nodes, inits = [], []
+    x = _qdq("x", "x", 25.0 / (32767 if int16 else 127), nodes, inits, zp_dtype=np.int16 if int16 else np.int8)
+    w = RNG.standard_normal((16, 11, 1, 1)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "c1_w"), numpy_helper.from_array(RNG.standard_normal(16).astype(np.float32),
+                                                                          "c1_b")]
+    wq = _qdq("c1_wq", "c1_w", np.abs(w).reshape(16, -1).max(1) / (32767 if int16 else 127), nodes, inits, axis=0,
+              zp_dtype=np.int16 if int16 else np.int8)
+    nodes += [helper.make_node("Conv", [x, wq, "c1_b"], ["c1"]), helper.make_node("Relu", ["c1"], ["r1"]),
+              helper.make_node("MaxPool", ["r1"], ["m1"], kernel_shape=[8, 1], strides=[8, 1]),
+              helper.make_node("Shape", ["r1"], ["r1_shape"]), helper.make_node("Expand", ["m1", "r1_shape"], ["e1"])]
+    pa, pb = _qdq("cat_a", "r1", 20.0 / 127, nodes, inits), _qdq("cat_b", "e1", 20.0 / 127, nodes, inits)
+    nodes.append(helper.make_node("Concat", [pa, pb], ["cat"], axis=1))
+    t = _qdq("c2_in", "cat", 20.0 / 127, nodes, inits)
+    w2 = RNG.standard_normal((4, 32, 1, 1)).astype(np.float32) * 0.2
+    inits.append(numpy_helper.from_array(w2, "c2_w"))
+    nodes.append(helper.make_node("Conv", [t, _qdq("c2_wq", "c2_w", np.abs(w2).reshape(4, -1).max(1) / 127, nodes,
+                                                   inits, axis=0)], ["y"]))
+    graph = helper.make_graph(nodes, "pfn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 11, 8, 50])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 50])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_an_int16_pfn_layer_runs_as_a_gemm_and_a_float_reducemax():
+    """The int16 first PFN layer, a float island: its 1x1 Conv becomes one Gemm over the
+    channels (ORT's NCHWc float Conv with 11 input channels, plus the reorder back, is 1.6x
+    slower), and the max over the points stays float (the quantizer is not hoisted over it)
+    and becomes a ReduceMax, where ORT would run a uint8 NCHW MaxPool 12x slower. Against the
+    exported graph: the island skips the int16 rounding, then the same int8 grids."""
+    model = _pfn_model(int16=True)
+    flavoured, changes = ort_flavour(model)
+    onnx.checker.check_model(flavoured)
+    assert changes["int16_pairs_to_float"] == 2 and changes["pointwise_convs_to_matmul"] == 1
+    assert changes["maxpools_to_reducemax"] == 1
+    kernels = qlinear_kernels(flavoured)
+    assert {"Gemm", "ReduceMax", "QLinearConcat"} <= set(kernels) and "MaxPool" not in kernels, kernels
+    x = {"x": RNG.uniform(-25, 25, (1, 11, 8, 50)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(x)["y"]
+    for level in ("none", "all"):
+        got = ort.build(flavoured, threads=1, optimization=level).run(x)["y"]
+        # an int8 step of the concat's grid (20 / 127) can flip where the int16 rounding sat on
+        # a tie; through the second conv that is at most its weights' row sum of it
+        assert np.abs(got - want).max() <= 0.02 * np.abs(want).max(), level
+
+
+def test_an_int8_pfn_layer_keeps_its_max_in_int8_after_the_qlinearconv():
+    """In int8 the max follows a QLinearConv, in ORT's NHWC layout: it stays an int8 MaxPool
+    (faster there than a ReduceMax) and the conv stays a QLinearConv, not a Gemm."""
+    flavoured, changes = ort_flavour(_pfn_model(int16=False))
+    assert changes["pointwise_convs_to_matmul"] == 0 and changes["maxpools_to_reducemax"] == 0
+    kernels = qlinear_kernels(flavoured)
+    assert kernels.get("QLinearConv") == 1 and kernels.get("NhwcMaxPool") == 1, kernels
+
+
+def test_a_masked_decoration_concat_is_quantized_before_the_concat():
+    """Q(Concat(points, offsets) * Cast(mask)) -> QLinearMul(Concat(Q(points), Q(offsets)), mask):
+    the Concat and the masking move bytes; quantization commutes with both, so the codes are
+    the same ones, bit for bit."""
+    nodes, inits = [], []
+    inits += [numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(1, 1, 8, 1), "slot"),
+              numpy_helper.from_array(np.float32(0.5), "half")]
+    nodes += [helper.make_node("Sub", ["x", "half"], ["offsets"]),
+              helper.make_node("Concat", ["x", "offsets"], ["features"], axis=1),
+              helper.make_node("Less", ["slot", "count"], ["valid"]),
+              helper.make_node("Cast", ["valid"], ["mask"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", ["features", "mask"], ["decorated"])]
+    t = _qdq("pfn_in", "decorated", 4.0 / 127, nodes, inits)
+    w = RNG.standard_normal((6, 8, 1, 1)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, "c_w"))
+    nodes.append(helper.make_node("Conv", [t, _qdq("c_wq", "c_w", np.abs(w).reshape(6, -1).max(1) / 127, nodes, inits,
+                                                   axis=0)], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 30]),
+              helper.make_tensor_value_info("count", TensorProto.FLOAT, [1, 1, 1, 30])]
+    graph = helper.make_graph(nodes, "decoration", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 30])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    flavoured, changes = ort_flavour(model)
+    onnx.checker.check_model(flavoured)
+    assert changes["masked_concats_quantized_first"] == 1
+    ops = {n.op_type for n in flavoured.graph.node}
+    assert "QLinearMul" in ops and "Mul" not in ops
+    feeds = {"x": RNG.uniform(-4, 4, (1, 4, 8, 30)).astype(np.float32),
+             "count": RNG.integers(0, 9, (1, 1, 1, 30)).astype(np.float32)}
+    want = ort.build(model, threads=1, optimization="none").run(feeds)["y"]
+    np.testing.assert_array_equal(ort.build(flavoured, threads=1, optimization="none").run(feeds)["y"], want)
+    kernels = qlinear_kernels(flavoured)
+    assert kernels.get("QLinearMul") == 1 and "Mul" not in kernels, kernels
+    np.testing.assert_allclose(ort.build(flavoured, threads=1).run(feeds)["y"], want, atol=1e-5)

@@ -6,7 +6,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from deploykit.engines import ort
 from deploykit.onnx_graph import int16_quantize_nodes
-from deploykit.quantize.trt_flavour import _pairs, duplicate_pairs, tensorrt_flavour
+from deploykit.quantize.qdq_graph import qdq_pairs
+from deploykit.quantize.trt_flavour import duplicate_pairs, tensorrt_flavour
 
 
 def _qdq(nodes, inits, src, name, scale, dtype):
@@ -50,7 +51,7 @@ def test_rules_on_a_small_graph(tmp_path):
     x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
     res = ort.build(path).run({"x": x, "y": x})
     np.testing.assert_allclose(res["s"], 1 / (1 + np.exp(-x)), rtol=1e-6)
-    assert len(_pairs(out)) == 2
+    assert len(qdq_pairs(out)) == 2
 
 
 def test_quantize_writes_a_tensorrt_flavour(bev_recipe, bev_quantized_dir):

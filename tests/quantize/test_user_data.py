@@ -63,7 +63,8 @@ def test_calibrating_on_empty_pillars_warns_with_the_measured_fidelity(converted
     from deploykit.quantize.calib_set import write_calib_set
 
     feeds = dict(np.load(converted_dir / "inputs.npz"))
-    empty = {"pillars": np.zeros_like(feeds["pillars"]), "coords": np.full_like(feeds["coords"], -1)}
+    empty = {"pillars": np.zeros_like(feeds["pillars"]), "coords": np.full_like(feeds["coords"], -1),
+             "num_points": np.zeros_like(feeds["num_points"])}
     write_calib_set(tmp_path / "calib", "centerpoint_pillar_small", [(empty, f"s{i}", 0) for i in range(2)],
                     temporal=False)
     result = CliRunner().invoke(main, ["quantize", "-m", str(converted_dir), "-o", str(tmp_path / "q"),
