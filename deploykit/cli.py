@@ -157,9 +157,11 @@ def bench(models, backend, device, precision, plugin_impl, custom_ops, threads, 
 @click.option("--baseline", "-b", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Baseline JSON (benchmarks/baselines/<recipe>.json); entries are matched by model file name.")
 @click.option("--update", is_flag=True, help="Measure the candidates and write them as the new baseline.")
-@click.option("--store-models", is_flag=True,
+@click.option("--store-models/--no-store-models", default=True, show_default=True,
               help="With --update: keep a copy of each model beside the baseline, so later gates time the candidate "
-                   "against it interleaved (machine-independent).")
+                   "against it interleaved (holds on any machine and under changing load). --no-store-models: "
+                   "compare in units of a reference workload instead, which a load change between update and "
+                   "check can fool.")
 @click.option("--against", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="The baseline model itself: time it interleaved with the candidate (one candidate only).")
 @click.option("--threads", type=int, help="Intra-op threads (default: the baseline's).")
@@ -185,6 +187,7 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
     from .errors import GateFailedError
     from .gate import gate as run_gate
     from .gate import update_baseline
+    from .progress import print_warnings
     from .report import gate_table
 
     if update:
@@ -202,6 +205,7 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
     results = [run_gate(baseline, c, against=against, threads=threads, custom_ops=custom_ops, rounds=rounds,
                         other_machine=other_machine) for c in candidates]
     Console(width=max(Console().width, 120)).print(gate_table(results))
+    print_warnings([w for r in results if r.latency for w in r.latency.warnings])
     if json_path:
         write_json(json_path, {"results": [r.to_dict() for r in results]})
     failed = [r.candidate for r in results if not r.passed]

@@ -1,7 +1,11 @@
 """The regression gate: planted slowdowns fail, unchanged models pass, bad baselines are refused."""
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -45,7 +49,7 @@ def reference_baseline(chains, tmp_path):
     """A baseline without a stored model (reference-workload units), written right before use:
     that mode compares with a past measurement, so load must not change in between."""
     path = tmp_path / "reference.json"
-    update_baseline(path, [chains[1]], rounds=30)
+    update_baseline(path, [chains[1]], rounds=30, store_models=False)
     return path
 
 
@@ -111,7 +115,10 @@ def test_cli_exit_codes(chains, reference_baseline, tmp_path):
     other.write_text(json.dumps({**data, "machine_class": {"cpu": "Some Other CPU", "cores": 64}}))
     refused = run(main, ["gate", "--baseline", str(other), str(same)])
     assert refused.exit_code == 11 and "machine class" in refused.output
-    assert run(main, ["gate", "--baseline", str(other), str(same), "--other-machine", "warn"]).exit_code == 0
+    # "warn" goes on to measure in reference units, whose verdict a change of load can move
+    # (test_the_default_gate_holds_when_load_changes_between_update_and_check): not asserted here.
+    warned = run(main, ["gate", "--baseline", str(other), str(same), "--other-machine", "warn"])
+    assert warned.exit_code in (0, 10) and "does not carry across machine classes" in warned.output
 
     (tmp_path / "bad.json").write_text("{not json")
     assert run(main, ["gate", "--baseline", str(tmp_path / "bad.json"), str(same)]).exit_code == 11
@@ -241,3 +248,64 @@ def test_update_refuses_two_candidates_of_one_file_name(chains, tmp_path):
     result = CliRunner().invoke(main, ["gate", "--update", "--baseline", str(path), str(base), str(same)])
     assert result.exit_code == 11 and "2 candidates are named model.onnx" in result.output
     assert not path.exists()
+
+
+@contextlib.contextmanager
+def other_jobs():
+    """Busy processes on every core, as other CI jobs on a shared runner: streaming through
+    memory (64 MB copies), which contends for the caches and memory bandwidth as well as the cores."""
+    job = "import numpy as np\na = np.ones(8_000_000); b = np.empty_like(a)\nwhile True: np.copyto(b, a)"
+    procs = [subprocess.Popen([sys.executable, "-c", job]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_stored_models_are_the_default(chains, tmp_path):
+    _, base, _, _ = chains
+    data = update_baseline(tmp_path / "b.json", [base], rounds=5)
+    assert data["entries"]["model.onnx"]["model_file"] == "b/model.onnx"
+    result = CliRunner().invoke(main, ["gate", "--update", "--no-store-models", "--baseline", str(tmp_path / "c.json"),
+                                       str(base), "--rounds", "5"])
+    assert result.exit_code == 0, result.output
+    assert "model_file" not in json.loads((tmp_path / "c.json").read_text())["entries"]["model.onnx"]
+
+
+@pytest.mark.parametrize("load", ["starts", "stops"])
+def test_the_default_gate_holds_when_load_changes_between_update_and_check(chains, tmp_path, load):
+    """Other jobs start (or stop) between writing the baseline and checking: the default
+    gate (baseline model stored, timed interleaved) still passes the unchanged model and
+    fails a planted 1.4x slowdown. The reference-workload mode runs under the same change,
+    but its verdict is not asserted: that is the mode that flakes (measured: 2 failures in
+    3 on an unchanged model; here its intervals straddle the limit, "inconclusive")."""
+    _, base, same, _ = chains
+    slower = conv_chain(tmp_path / "slower" / "model.onnx", 14)
+    during_update = other_jobs() if load == "stops" else contextlib.nullcontext()
+    during_check = other_jobs() if load == "starts" else contextlib.nullcontext()
+    with during_update:
+        update_baseline(tmp_path / "stored.json", [base], rounds=20)
+        update_baseline(tmp_path / "reference.json", [base], rounds=20, store_models=False)
+    with during_check:
+        unchanged = gate(tmp_path / "stored.json", same)
+        slow = gate(tmp_path / "stored.json", slower)
+        reference = gate(tmp_path / "reference.json", same)
+    assert unchanged.passed and unchanged.latency.method == "interleaved A/B", unchanged.latency
+    assert slow.latency.verdict == "fail", slow.latency
+    assert not unchanged.latency.warnings
+    assert reference.latency.method == "reference workload" and reference.latency.rounds >= 20
+
+
+def test_reference_mode_warns_when_the_reference_ran_at_another_speed(chains, reference_baseline, tmp_path):
+    _, _, same, _ = chains
+    data = json.loads(reference_baseline.read_text())
+    assert not gate(reference_baseline, same).latency.warnings
+    entry = data["entries"]["model.onnx"]["latency"]
+    for factor in (0.5, 2.0):  # the machine then was twice as fast / as slow as now
+        moved = tmp_path / f"moved{factor}.json"
+        moved.write_text(json.dumps({**data, "entries": {"model.onnx": {**data["entries"]["model.onnx"], "latency": {
+            **entry, "reference_median_ms": entry["reference_median_ms"] * factor}}}}))
+        warnings = gate(moved, same).latency.warnings
+        assert len(warnings) == 1 and "load changed" in warnings[0] and "--no-store-models" in warnings[0]
