@@ -80,14 +80,18 @@ def test_existing_output_is_refused_and_untouched(converted_dir, small_recipe):
     assert (converted_dir / "manifest.json").read_bytes() == before
 
 
-def test_failed_check_leaves_nothing(tmp_path, small_recipe):
+def test_failed_check_keeps_what_was_built_beside_out_never_at_it(tmp_path, small_recipe):
     import dataclasses
 
     strict = dataclasses.replace(small_recipe, check=dataclasses.replace(small_recipe.check, max_rel_error=0.0, min_cosine=1.1))
     out = tmp_path / "out"
-    with pytest.raises(CheckFailedError, match="differs from PyTorch"):
-        convert(strict, out, quiet=True)
-    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "out.check-failed"
+    for _ in range(2):  # a second failure replaces the first one's files
+        with pytest.raises(CheckFailedError, match=f"differs from the float64 original.*kept in {kept}"):
+            convert(strict, out, quiet=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.check-failed"]
+        assert {"model.onnx", "check.json"} <= {p.name for p in kept.iterdir()}
+        assert json.loads((kept / "check.json").read_text())["passed"] is False
 
 
 def test_wrong_checkpoint_leaves_nothing(tmp_path, small_recipe):
