@@ -1,8 +1,9 @@
 """The convert check judged against float32's own noise, measured in float64.
 
-A deep model in float32 differs from itself by summation order alone: six BEVFormer decoder
-layers accumulate about 1e-4 relative between two correct float32 implementations, which a
-fixed bound of 1e-4 refuses. So the original model also runs in float64 on the same inputs,
+A deep model in float32 differs from itself by summation order alone, and with some weights
+that reaches a fixed bound: a BEVFormer-tiny checkpoint with random weights was reported
+refused at 1.02e-4 against the bound of 1e-4 (the bundled synthetic weights and torch's default
+initialisation stay near 5e-6). So the original model also runs in float64 on the same inputs,
 and each engine output is judged by its error against that float64 reference:
 
     allowed = max(max_rel_error, noise_factor x (PyTorch float32's error against float64))

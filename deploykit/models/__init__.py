@@ -56,9 +56,10 @@ def pillar_format(model):
     from ..passes.decorate_in_graph import decorates_in_graph
     from ..passes.normalise_points import input_scale
 
+    layout = getattr(model, "input_layout", "PNC")
     if decorates_in_graph(model):  # the graph divides by the scale itself
-        return PillarFormat(getattr(model, "input_layout", "PNC"), None, True)
-    return PillarFormat(getattr(model, "input_layout", "PNC"), input_scale(model))
+        return PillarFormat(layout, None, True)
+    return PillarFormat(layout, input_scale(model))
 
 
 def _pillar_sample(cfg, seed, model):
