@@ -9,6 +9,7 @@ Every CLI command is one call here (the CLI only parses options)::
     deploykit.bench("build/cp-q/model.qdq.onnx")
     deploykit.gate("benchmarks/baselines/x.json", "build/cp/model.onnx")
     deploykit.detect("build/cp-q", "data/nuscenes", "build/det")
+    deploykit.compare_layers("build/cp:torch", "build/cp")   # where two versions part ways
 
 Names are imported on first use, so ``import deploykit`` stays cheap.
 """
@@ -26,6 +27,8 @@ _FUNCTIONS = {
     "update_baseline": ("deploykit.gate", "update_baseline"),
     "rig_from_nuscenes": ("deploykit.data.rig_from_nuscenes", "rig_from_nuscenes"),
     "load_recipe": ("deploykit.recipe", "load_recipe"),
+    # `deploykit compare`; deploykit.compare is the per-output agreement module
+    "compare_layers": ("deploykit.layerwise.run", "compare"),
 }
 # Modules that are also calls (deploykit.api.callable_module): deploykit.bench(...) runs bench_model.
 _CALLABLE_MODULES = ("quantize", "bench", "gate", "detect")

@@ -6,6 +6,7 @@ can fix are printed as one message with a documented exit code (README.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import sys
@@ -360,6 +361,59 @@ def detect(model_dir, inputs, out, scenes, model_file, backend, max_frames, scor
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--inputs", "-i", type=click.Path(exists=True, path_type=Path),
+              help="An .npz of engine inputs (e.g. a convert directory's inputs.npz), a calibration set, or your "
+                   "data as `detect --inputs` reads it. Default: the recipe's check samples, which also hold the "
+                   "original model's (:torch) own inputs.")
+@click.option("--samples", "-n", type=click.IntRange(1), default=1, show_default=True,
+              help="How many samples to pool the statistics over.")
+@click.option("--threshold", type=click.FloatRange(0, min_open=True),
+              help="Relative RMS error (10^(-SQNR/20)) a layer must pass to count as diverging. Default: 1e-4 for "
+                   "two float models, 0.05 for a quantized graph against its fake-quant model, 0.1 for float "
+                   "against quantized.")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path),
+              help="Write compare.md (every layer), compare.json and compare.png (error along depth) here.")
+@click.option("--rows", type=click.IntRange(0), default=12, show_default=True,
+              help="Layers printed around the first divergence (the report has all).")
+@click.option("--custom-ops", type=click.Choice(CUSTOM_OP_MODES), default="function", show_default=True,
+              help="How ONNX Runtime runs deploykit's custom nodes.")
+@click.option("--ort-optimization", type=click.Choice(["all", "basic", "none"]), default="all", show_default=True,
+              help="ONNX Runtime's graph optimizations for the ONNX sides; none runs a Q/DQ graph as written, "
+                   "without ORT's fused int8 kernels (tells the graph's error from the kernels').")
+@click.option("--overwrite", is_flag=True, help="Replace --report if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@handle_errors
+def compare(a, b, inputs, samples, threshold, report, rows, custom_ops, ort_optimization, overwrite, quiet):
+    """Find the first layer where B parts ways with A (the reference).
+
+    \b
+    A and B are PATH[:VIEW]: a convert directory (model.onnx; :torch the original
+    PyTorch model, :rewritten the model after the passes, :standard_ops), a
+    quantize directory (model.qdq.onnx, else model.int8.qdq.onnx; :int8, :ort,
+    :ort-int8, :trt, :fake-quant, :fake-quant-int8) or an ONNX file
+    (FILE.onnx:tensorrt with TensorRT installed). Layers pair by module path.
+    \b
+      deploykit compare build/cp:torch build/cp
+      deploykit compare build/cp-q:fake-quant-int8 build/cp-q:int8 --report build/cmp
+    """
+    from .layerwise.report import rows_markdown, summary
+    from .layerwise.run import compare as run_compare
+
+    result = run_compare(a, b, inputs=inputs, samples=samples, threshold=threshold, report=report,
+                         custom_ops=custom_ops, ort_optimization=ort_optimization, overwrite=overwrite, quiet=quiet)
+    first = result.first_divergence
+    start = max(0, result.rows.index(first) - rows // 2) if first is not None else 0
+    if rows:
+        window = dataclasses.replace(result, rows=result.rows[start:start + rows])
+        click.echo(rows_markdown(window))
+    click.echo(summary(result))
+    if report is not None:
+        click.echo(f"wrote {report}/")
 
 
 @main.command()

@@ -38,6 +38,7 @@ from .artifacts import atomic_directory, ensure_writable, save_safetensors, sha2
 from .camera.virtual_bev import coverage_warnings
 from .checkpoint import load_state_dict, read_checkpoint
 from .compare import OutputAgreement, compare_outputs
+from .layerwise.profile import FLOAT_THRESHOLD
 from .noise_floor import allowances, float64_outputs, judge, worst
 from .errors import CheckFailedError, ExportError, InputError, RecipeError
 from .models import build_model, camera_config, make_sample
@@ -308,36 +309,74 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
             if not check["passed"]:
                 bad = worst(ort_check + torch_check, allowed)
                 versus = "the float64 original" if exact else "PyTorch"
+                # What was built stays readable by `deploykit compare`: weights and manifest too.
+                _write_model_files(scratch, recipe, model, ckpt_path, ckpt_meta, passes, exported, samples,
+                                   steps.timings, custom_ops, check, coverage, passed=False)
+                where = _first_divergence(original, samples[:1], onnx_path, custom_ops, scratch,
+                                          max(FLOAT_THRESHOLD, min(allowed.values())))
+                failed = _failed_dir(out_dir)
                 raise CheckFailedError(
                     f"{bad.name} differs from {versus} by {bad.max_rel_error:.2e} relative (cosine {bad.cosine:.6f}); "
                     f"allowed {allowed[bad.name]:.1e}: {recipe.check.noise_factor:g}x float32 PyTorch's own "
                     f"{noise[bad.name]:.1e}, at least [check] max_rel_error {recipe.check.max_rel_error:.0e}"
-                    + _cap_hint(model) + f"; what was built is kept in {_keep_failed(scratch, out_dir)}"
+                    + _cap_hint(model) + f"; {where}; what was built is kept in {_keep_failed(scratch, out_dir)}"
+                    f"; reproduce: deploykit compare {failed}:torch {failed} --report {failed}.compare"
                 )
         with steps.step("write weights, sample inputs and manifest"):
-            save_safetensors(model.state_dict(), scratch / "weights.safetensors")
-            np.savez(scratch / "inputs.npz", **samples[0].feeds)
-            manifest = _manifest(recipe, model, ckpt_path, ckpt_meta, passes, exported, samples[0], steps.timings,
-                                 custom_ops)
-            if "standard_ops" in check:
-                manifest["onnx"]["standard_ops_file"] = STANDARD_OPS_FILE
-            if "tensorrt_plugins" in check:
-                manifest["onnx"]["tensorrt_plugins_file"] = TENSORRT_PLUGINS_FILE
-            if coverage is not None:
-                from .camera.rig import rig_path
-
-                source = rig_path(camera_config(recipe.model).rig)
-                shutil.copyfile(source, scratch / RIG_FILE)
-                manifest["rig"] = {"file": RIG_FILE, "source": str(source), "sha256": sha256_file(source),
-                                   "bev_coverage": coverage}
-            write_json(scratch / "manifest.json", manifest)
+            manifest = _write_model_files(scratch, recipe, model, ckpt_path, ckpt_meta, passes, exported, samples,
+                                          steps.timings, custom_ops, check, coverage)
     return ConvertResult(out_dir, manifest, check)
+
+
+def _write_model_files(scratch: Path, recipe, model, ckpt_path, ckpt_meta, passes, exported, samples, timings,
+                       custom_ops, check, coverage, passed: bool = True) -> dict:
+    save_safetensors(model.state_dict(), scratch / "weights.safetensors")
+    np.savez(scratch / "inputs.npz", **samples[0].feeds)
+    manifest = _manifest(recipe, model, ckpt_path, ckpt_meta, passes, exported, samples[0], timings, custom_ops)
+    if not passed:
+        manifest["check_passed"] = False  # `quantize` refuses it; `compare` reads it
+    if "standard_ops" in check:
+        manifest["onnx"]["standard_ops_file"] = STANDARD_OPS_FILE
+    if "tensorrt_plugins" in check:
+        manifest["onnx"]["tensorrt_plugins_file"] = TENSORRT_PLUGINS_FILE
+    if coverage is not None:
+        from .camera.rig import rig_path
+
+        source = rig_path(camera_config(recipe.model).rig)
+        shutil.copyfile(source, scratch / RIG_FILE)
+        manifest["rig"] = {"file": RIG_FILE, "source": str(source), "sha256": sha256_file(source),
+                           "bev_coverage": coverage}
+    write_json(scratch / "manifest.json", manifest)
+    return manifest
+
+
+def _first_divergence(original, samples, onnx_path: Path, custom_ops: str, scratch: Path, threshold: float) -> str:
+    """Where the engine parts ways with the original model, layer by layer (compare.md beside it)."""
+    from .layerwise import onnx_taps, profile_layers, torch_taps
+    from .layerwise.report import write_files
+
+    try:
+        profile = profile_layers([torch_taps.record(original, s.reference) for s in samples],
+                                 onnx_taps.record(onnx_path, [s.feeds for s in samples], custom_ops=custom_ops),
+                                 a="original (PyTorch)", b="model.onnx", threshold=threshold)
+        write_files(profile, scratch)
+    except Exception as exc:  # noqa: BLE001 - the check's verdict must not be lost to its diagnosis
+        return f"layer-wise compare failed ({type(exc).__name__}: {str(exc)[:120]})"
+    first = profile.first_divergence
+    if first is None:
+        return (f"no single layer is past {threshold:.0e} relative RMS error (the error is spread: "
+                "compare.md lists every layer)")
+    return f"first diverging layer: {first.name} (relative RMS error {first.error:.2e}, compare.md lists every layer)"
+
+
+def _failed_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".check-failed")
 
 
 def _keep_failed(scratch: Path, out_dir: Path) -> Path:
     """Copy what a failed check built (the ONNX files, check.json) to ``<out>.check-failed``
     beside ``--out``, never at it: ``--out`` only ever holds a model that passed."""
-    failed = out_dir.with_name(out_dir.name + ".check-failed")
+    failed = _failed_dir(out_dir)
     with atomic_directory(failed, overwrite=True) as keep:
         for f in scratch.iterdir():
             if f.is_file():

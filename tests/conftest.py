@@ -16,6 +16,22 @@ from deploykit.recipe import load_recipe
 SMALL = "centerpoint_pillar_small"
 
 
+def plant_scaled_conv(monkeypatch, factor: float = 1 + 1e-3) -> None:
+    """Make the max_to_maxpool rewrite also scale the small model's pts_backbone.blocks.1.3
+    conv by ``factor``: a one-layer bug in the middle of the model."""
+    from deploykit import passes
+
+    rewrite = passes.PASSES["max_to_maxpool"]
+
+    def planted(model):
+        model = rewrite(model)
+        with torch.no_grad():
+            model.pts_backbone.blocks[1][3].weight.mul_(factor)
+        return model
+
+    monkeypatch.setitem(passes.PASSES, "max_to_maxpool", planted)
+
+
 @pytest.fixture(scope="session")
 def small_recipe():
     return load_recipe(SMALL)

@@ -84,24 +84,16 @@ def test_convert_passes_float32_noise_under_a_bound_below_it_and_fails_a_planted
     (within noise_factor x the noise), and a pass that scales one backbone conv by 1 + 1e-3 fails."""
     import pytest
 
-    from deploykit import passes
     from deploykit.errors import CheckFailedError
     from deploykit.export import convert
+    from tests.conftest import plant_scaled_conv
 
     strict = dataclasses.replace(small_recipe, check=dataclasses.replace(small_recipe.check, max_rel_error=1e-9))
     result = convert(strict, tmp_path / "ok", quiet=True)
     assert result.check["passed"] and result.check["reference"].endswith("in float64")
     assert all(o["allowed_rel_error"] > 1e-9 for o in result.check["onnxruntime"]["outputs"])
 
-    rewrite = passes.PASSES["max_to_maxpool"]
-
-    def planted(model):
-        model = rewrite(model)
-        with torch.no_grad():
-            model.pts_backbone.blocks[1][3].weight.mul_(1 + 1e-3)
-        return model
-
-    monkeypatch.setitem(passes.PASSES, "max_to_maxpool", planted)
+    plant_scaled_conv(monkeypatch)
     with pytest.raises(CheckFailedError, match="differs from the float64 original"):
         convert(strict, tmp_path / "bug", quiet=True)
     check = json.loads((tmp_path / "bug.check-failed" / "check.json").read_text())

@@ -17,7 +17,9 @@ model on the check samples, for int8 everywhere and for int8 + int16. Writes
     model.ort.qdq.onnx       the same of model.qdq.onnx, when there are int16 overrides
     quant_state.safetensors  float weights + every quantizer's amax
     quantizers.json          name, bits, axis, calibrator and range of each quantizer
-    fidelity.json / .md      SQNR, cosine and max error per output, int8 and int8+int16
+    fidelity.json / .md      SQNR, cosine and max error per output, int8 and int8+int16, and
+                             per layer (where the error enters and grows; deploykit.layerwise)
+    layers.png               SQNR along depth, int8 and int8+int16
     manifest.json            recipe, source model, calibration set, overrides, versions
 """
 
@@ -43,6 +45,8 @@ from ..passes import apply_passes
 from ..progress import Steps, print_warnings, track
 from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
+from ..layerwise import profile_layers, torch_taps
+from ..layerwise.report import quantization_markdown, quantization_plot
 from .calib_set import CalibSet, build_calib_set, load_calib_set
 from .fidelity import fidelity
 from .fold_bn import fold_batchnorms
@@ -57,6 +61,7 @@ CALIB_CACHE = REPO_ROOT / ".cache" / "calib"
 SEARCH_SEED = 1100  # samples the int16 search chooses on
 TRT_FILE = "model.trt.qdq.onnx"
 # ONNX Runtime flavours (ort_flavour) of model.int8.qdq.onnx and model.qdq.onnx
+LAYER_SAMPLES = 2  # check samples the per-layer profile pools over (it holds every layer's output)
 ORT_FILES = {"int8": "model.ort.int8.qdq.onnx", "int8_int16": "model.ort.qdq.onnx"}
 
 
@@ -67,12 +72,17 @@ class QuantizeResult:
     warnings: list[str]
 
 
-def load_converted(recipe: Recipe, converted: Path) -> tuple[torch.nn.Module, dict]:
+def load_converted(recipe: Recipe, converted: Path, *, allow_failed: bool = False) -> tuple[torch.nn.Module, dict]:
+    """The rewritten model and manifest a convert directory holds; ``allow_failed`` also reads
+    the ``<out>.check-failed`` directory a failed check leaves (for ``compare``)."""
     converted = Path(converted)
     path = converted / "manifest.json"
     if not path.is_file():
         raise InputError(f"{converted} is not a `deploykit convert` output (no manifest.json)")
     manifest = json.loads(path.read_text())
+    if manifest.get("check_passed") is False and not allow_failed:
+        raise InputError(f"{converted} is what a failed `deploykit convert` check left: its engine disagrees with "
+                         "the original model; fix the rewrite (`deploykit compare DIR:torch DIR` shows where)")
     if manifest.get("recipe", {}).get("name") != recipe.name:
         raise InputError(f"{converted} was converted with recipe {manifest.get('recipe', {}).get('name')!r}, "
                          f"not {recipe.name!r}")
@@ -217,15 +227,22 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         set_mode(qmodel, "quant", active)
         decode = ARCHITECTURES[recipe.arch].decode
         float_boxes = [decode(recipe.model, r) for r in references]
+        layers: dict = {}
         report, detection, fake = {"target_outputs": target_outputs or list(model.output_names),
                                    "measured_on": measured_on}, {}, {}
+        float_layers = [torch_taps.record(model, s.feeds) for s in samples[:LAYER_SAMPLES]]
         for key, names16 in configurations:
             set_bits(qmodel, lifted, 8)
             set_bits(qmodel, names16, 16)
             fake[key] = [torch_outputs(qmodel, s.feeds) for s in samples]
             report[key] = [f.to_dict() for f in fidelity(references, fake[key])]
             detection[key] = agreement(float_boxes, [decode(recipe.model, o) for o in fake[key]])
+            layers[key] = profile_layers(float_layers, [torch_taps.record(qmodel, s.feeds)
+                                                        for s in samples[:LAYER_SAMPLES]],
+                                         a="float", b=key, b_quantized=True)
+        del float_layers
         report["detection_agreement"] = detection
+        report["layers"] = {key: p.to_dict() for key, p in layers.items()}
     if synthetic_eval:
         with steps.step(f"score float and quantized models in mAP on {synthetic_eval} labelled scenes"):
             report["task_map"] = _task_map(recipe, model, qmodel, lifted, configurations)
@@ -251,7 +268,8 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
             write_json(scratch / "quantizers.json", [_describe(name, q) for name, q in quantizers(qmodel).items()
                                                      if name in active])
             write_json(scratch / "fidelity.json", {"samples": [s.info for s in samples], **report})
-            (scratch / "fidelity.md").write_text(fidelity_markdown(recipe.name, report))
+            quantization_plot(layers, scratch / "layers.png")
+            (scratch / "fidelity.md").write_text(fidelity_markdown(recipe.name, report, layers, lifted))
             write_json(scratch / "manifest.json", {
                 "deploykit": __version__, "stage": "quantize",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -393,7 +411,7 @@ def _fidelity_table(items: list[dict]) -> str:
     return markdown_table(["output", "SQNR dB", "cosine", "max rel error"], rows)
 
 
-def fidelity_markdown(recipe: str, report: dict) -> str:
+def fidelity_markdown(recipe: str, report: dict, layers: dict | None = None, lifted: list[str] = ()) -> str:
     from ..report import markdown_table
 
     lines = [f"# Quantization fidelity: {recipe}", "",
@@ -415,6 +433,8 @@ def fidelity_markdown(recipe: str, report: dict) -> str:
                   f"{det['candidate_boxes']} quantized boxes against {det['reference_boxes']} float boxes "
                   "(decoded without NMS), matched per class by centre distance.", "",
                   markdown_table(["distance", "recall", "precision"], rows), ""]
+    if layers:
+        lines += quantization_markdown(layers, "layers.png", lifted)
     if "task_map" in report:
         lines += _task_map_markdown(report["task_map"])
     if "task_nds" in report:

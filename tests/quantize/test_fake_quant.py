@@ -142,7 +142,7 @@ def test_quantize_bevformer_with_temporal_calibration(bev_recipe, bev_quantized_
     int8 = {f["name"]: f for f in report["int8"]}
     mixed = {f["name"]: f for f in report["int8_int16"]}
     assert mixed["bev_embed"]["sqnr_db"] > int8["bev_embed"]["sqnr_db"]
-    assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "fidelity.md", "manifest.json",
+    assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", "fidelity.md", "layers.png", "manifest.json",
                                                      "model.int8.qdq.onnx", "model.ort.int8.qdq.onnx",
                                                      "model.ort.qdq.onnx", "model.qdq.onnx", "model.trt.qdq.onnx",
                                                      "quant_state.safetensors", "quantizers.json"]
