@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_quantize.py
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_tool.py
+	$(PY) benchmarks/noise_floor.py
 
 clean:
 	rm -rf build .cache

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -320,7 +321,8 @@ def convert(recipe: Recipe | str, out_dir: str | Path, *, checkpoint: str | Path
                     f"allowed {allowed[bad.name]:.1e}: {recipe.check.noise_factor:g}x float32 PyTorch's own "
                     f"{noise[bad.name]:.1e}, at least [check] max_rel_error {recipe.check.max_rel_error:.0e}"
                     + _cap_hint(model) + f"; {where}; what was built is kept in {_keep_failed(scratch, out_dir)}"
-                    f"; reproduce: deploykit compare {failed}:torch {failed} --report {failed}.compare"
+                    f"; reproduce: deploykit compare {shlex.quote(f'{failed}:torch')} {shlex.quote(str(failed))} "
+                    f"--report {shlex.quote(f'{failed}.compare')}"
                 )
         with steps.step("write weights, sample inputs and manifest"):
             manifest = _write_model_files(scratch, recipe, model, ckpt_path, ckpt_meta, passes, exported, samples,

@@ -9,6 +9,12 @@ BEVFormer's deformable-attention offset rings). The file is written as
 mmcv does (``{"meta": ..., "state_dict": ...}``) so the real loading path runs.
 
     python -m deploykit.synthetic_checkpoint --recipe centerpoint_pillar_small --out ckpt.pth
+
+``--init xavier`` writes instead what a model holds before training, initialised as DETR-style
+transformers are (``xavier_uniform_`` on every matrix, as BEVFormer's
+``PerceptionTransformer.init_weights`` does for its own): deep untrained decoders amplify float32
+noise far more than trained or default-initialised ones, which makes it the hard case for
+numeric checks.
 """
 
 from __future__ import annotations
@@ -47,11 +53,26 @@ def synthetic_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def write_synthetic_checkpoint(recipe: Recipe, seed: int, path: Path) -> Path:
+def xavier_state_dict(recipe: Recipe, seed: int) -> dict[str, torch.Tensor]:
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(recipe)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    return model.state_dict()
+
+
+INITS = {"synthetic": synthetic_state_dict, "xavier": xavier_state_dict}
+
+
+def write_synthetic_checkpoint(recipe: Recipe, seed: int, path: Path, init: str = "synthetic") -> Path:
     from .models import ARCHITECTURES
 
-    state = synthetic_state_dict(recipe, seed)
-    meta = {"recipe": recipe.name, "seed": seed, "synthetic": True}
+    state = INITS[init](recipe, seed)
+    meta = {"recipe": recipe.name, "seed": seed, "synthetic": True, "init": init}
     layout = ARCHITECTURES[recipe.arch].release_layout
     payload = layout(state, meta) if layout else {"meta": meta, "state_dict": state}
     with atomic_file(path) as tmp:
@@ -75,8 +96,11 @@ def main() -> None:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--init", choices=sorted(INITS), default="synthetic",
+                        help="synthetic: BN calibrated on synthetic inputs (the bundled default); "
+                             "xavier: untrained, DETR-style")
     args = parser.parse_args()
-    print(write_synthetic_checkpoint(load_recipe(args.recipe), args.seed, args.out))
+    print(write_synthetic_checkpoint(load_recipe(args.recipe), args.seed, args.out, args.init))
 
 
 if __name__ == "__main__":

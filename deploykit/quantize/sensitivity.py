@@ -85,51 +85,76 @@ def _worst(references, outputs) -> float:
     return min(f.sqnr_db for f in fidelity(references, outputs))
 
 
+@dataclass(frozen=True)
+class Configuration:
+    """Which quantizers quantize (the rest run in float), and which of them in int16."""
+
+    quantized: tuple[str, ...]
+    int16: tuple[str, ...] = ()
+
+
+class WorstSqnr:
+    """The worst target-output SQNR of configurations of ``qmodel`` on ``samples``, one after
+    another in this process. deploykit.distributed.RayWorstSqnr is the same on Ray workers."""
+
+    def __init__(self, qmodel, samples, references, outputs: list[str] | None = None):
+        self.qmodel, self.feeds, self.outputs = qmodel, [s.feeds for s in samples], outputs
+        self.references = references if outputs is None else [{k: r[k] for k in outputs} for r in references]
+
+    def one(self, config: Configuration) -> float:
+        set_mode(self.qmodel, "off")
+        set_mode(self.qmodel, "quant", config.quantized)
+        set_bits(self.qmodel, config.quantized, 8)
+        set_bits(self.qmodel, config.int16, 16)
+        outputs = [{k: v for k, v in torch_outputs(self.qmodel, f).items() if self.outputs is None or k in self.outputs}
+                   for f in self.feeds]
+        return _worst(self.references, outputs)
+
+    def __call__(self, configs: list[Configuration], description: str, quiet: bool = False) -> list[float]:
+        return [self.one(c) for c in track(configs, description, quiet=quiet)]
+
+
 def search_int16(qmodel, active: list[str], samples, references, *, target_db: float, budget: int,
-                 outputs: list[str] | None = None, lookahead: int = 4, quiet: bool = False) -> Search:
-    """``outputs``: the outputs whose worst SQNR is the target (default: all)."""
+                 outputs: list[str] | None = None, lookahead: int = 4, quiet: bool = False,
+                 evaluate=None) -> Search:
+    """``outputs``: the outputs whose worst SQNR is the target (default: all). ``evaluate``
+    runs a list of Configurations (default: WorstSqnr here); whoever runs them, the search
+    and its result are the same."""
     groups = group_modules(active)
-    if outputs is not None:
-        references = [{k: r[k] for k in outputs} for r in references]
-
-    def run() -> list[dict]:
-        return [{k: v for k, v in torch_outputs(qmodel, s.feeds).items() if outputs is None or k in outputs}
-                for s in samples]
-
-    set_mode(qmodel, "quant", active)
-    set_bits(qmodel, active, 8)
-    baseline = _worst(references, run())
-    measured = []
-    for module, names in track(list(groups.items()), "sensitivity", quiet=quiet):
-        set_mode(qmodel, "off")
-        set_mode(qmodel, "quant", names)
-        alone = _worst(references, run())
-        set_mode(qmodel, "quant", active)
-        set_bits(qmodel, names, 16)
-        lifted = _worst(references, run())
-        set_bits(qmodel, names, 8)
-        measured.append(ModuleSensitivity(module, names, alone, lifted, lifted - baseline))
+    evaluate = evaluate or WorstSqnr(qmodel, samples, references, outputs)
+    active = tuple(active)
+    baseline = evaluate([Configuration(active)], "sensitivity: all int8", quiet)[0]
+    # Two runs per module: quantized alone (the rest float), and lifted to int16 in the all-int8 model.
+    configs = [c for names in groups.values() for c in (Configuration(tuple(names)), Configuration(active, tuple(names)))]
+    sqnr = evaluate(configs, f"sensitivity of {len(groups)} modules", quiet)
+    measured = [ModuleSensitivity(module, names, sqnr[2 * i], sqnr[2 * i + 1], sqnr[2 * i + 1] - baseline)
+                for i, (module, names) in enumerate(groups.items())]
     measured.sort(key=lambda m: (-m.gain_db, m.alone_sqnr_db))
     result = Search(baseline, measured, target_db=target_db, budget=budget)
     if baseline >= target_db:
-        return result
+        return _restore(qmodel, active, result)
     # Gains do not add up (lifting one module changes what the next one is worth), so
     # each step tries the best-ranked few of the rest on top of the current set and
     # keeps the one that helps most now.
-    remaining = list(measured)
+    remaining, chosen16 = list(measured), ()
     while len(result.chosen) < budget and remaining:
-        tried = []
-        for m in remaining[:lookahead]:
-            set_bits(qmodel, m.quantizers, 16)
-            tried.append((_worst(references, run()), m))
-            set_bits(qmodel, m.quantizers, 8)
-        worst, best = max(tried, key=lambda t: t[0])
+        candidates = remaining[:lookahead]
+        tried = evaluate([Configuration(active, chosen16 + tuple(m.quantizers)) for m in candidates],
+                         f"int16 step {len(result.chosen) + 1}", quiet)
+        # max() keeps the first of equals: the better-ranked candidate, as the serial loop did.
+        worst, best = max(zip(tried, candidates), key=lambda t: t[0])
         remaining.remove(best)
-        set_bits(qmodel, best.quantizers, 16)
+        chosen16 += tuple(best.quantizers)
         result.chosen.append(best.module)
-        result.steps.append({"module": best.module, "worst_sqnr_db": worst, "candidates": len(tried)})
+        result.steps.append({"module": best.module, "worst_sqnr_db": worst, "candidates": len(tried),
+                             "tried": [{"module": m.module, "worst_sqnr_db": t} for t, m in zip(tried, candidates)]})
         if worst >= target_db:
             break
+    return _restore(qmodel, active, result)
+
+
+def _restore(qmodel, active: tuple[str, ...], result: Search) -> Search:
+    set_mode(qmodel, "quant", active)
     set_bits(qmodel, active, 8)
     return result
 
