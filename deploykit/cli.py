@@ -233,9 +233,16 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
               help="Labelled scenes to score float and quantized models on (task mAP); 0 skips it. "
                    "Default: the recipe's [quantize] eval_scenes.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--workers", type=click.IntRange(1),
+              help="Run calibration, the int16 search and mAP scoring on N local Ray workers (Ray is an "
+                   "optional extra: pip install 'deploykit[ray]'); same results as serial. Default: serial.")
+@click.option("--ray-address", metavar="ADDR",
+              help="Join an existing Ray cluster (e.g. ray://head:10001, or 'auto') instead of starting one; "
+                   "workers default to its CPUs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_scenes, overwrite, quiet):
+def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_scenes, workers, ray_address,
+             overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
     \b
@@ -254,7 +261,8 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
     from .quantize.pipeline import quantize as run_quantize
 
     result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), int16_sensitive=int16_sensitive,
-                          eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet)
+                          eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet,
+                          workers=workers, ray_address=ray_address)
     targets = result.fidelity["target_outputs"]
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:

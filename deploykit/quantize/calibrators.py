@@ -6,6 +6,10 @@ integers [-qmax, qmax] with qmax = 2**(bits-1) - 1 (int8: [-127, 127], int16:
 is exact and the grid is symmetric, as TensorRT's Q/DQ layers expect. A
 calibrator sees the float tensor a quantizer guards, batch after batch
 (``collect``), and turns what it saw into ``amax`` (``compute_amax``).
+Calibrators of the same tensor fed different batches (shards of the
+calibration set on different workers; they pickle) combine with ``merge``,
+exactly: the result is bit for bit the one a single calibrator fed all the
+batches would give, whatever the split.
 
 Which method for what:
 
@@ -27,13 +31,29 @@ Which method for what:
     entropy and keeps nearly the full range of flat distributions.
 
 The three histogram methods are per tensor (``amax`` is a scalar): they share
-one histogram of |x| with ``num_bins`` bins over [0, largest |x| seen]. When a
-batch goes past that range the histogram is re-binned onto the wider range
-rather than restarted: each old bin's count is shared between the (at most
-two) new bins it overlaps, in proportion to the overlap. Totals are kept, no
-data is dropped, and because the final grid is always [0, max] whatever the
-order, the order of the batches barely matters (only the within-bin position
-of counts that were re-binned is approximated).
+one histogram of |x| with ``num_bins`` bins (a power of two) over [0, 2**k),
+k the smallest integer with every |x| seen < 2**k, so the largest value sits
+in the upper half and never on the top edge. Value x lands in bin
+floor(x * num_bins / 2**k), computed exactly (scaling by a power of two is
+exact in binary floating point; see ``_bin_indices``). When a batch needs
+2**(k+j), the histogram coarsens by summing groups of 2**j adjacent bins,
+which is exactly where those values would have landed on the wider grid:
+floor(floor(y) / 2**j) == floor(y / 2**j). Counts are integers (float64, exact
+to 2**53), so the histogram depends only on the multiset of values seen, never
+on the batch order, and histograms of shards calibrated on different workers
+merge (``merge``) into exactly the one a single calibrator would have built
+over all of them. Exact zeros go to bin 0; while only zeros were seen there is
+no range yet (k is unset) and their count waits in bin 0.
+
+The methods run on the histogram trimmed after its last non-empty bin (the
+one holding the max), with that bin's upper edge lowered to the largest |x|
+seen (which is tracked exactly, and merges as a max): they see [0, max] in
+between num_bins/2 + 1 and num_bins bins, as on a [0, max] grid, and never
+return more than the max. ``histogram`` returns that trimmed view. The price
+of exactness: bins up to twice as wide as a [0, max] grid's, which moves
+percentile and mse by a fraction of a bin; entropy's KL objective is often
+nearly flat over a sparse tail, so its argmin can move further (it does so
+between bin counts on a [0, max] grid too).
 
 Entropy details, following pytorch-quantization's ``_compute_amax_entropy``:
 the first bin's count is replaced by the second's (after a ReLU the exact
@@ -47,14 +67,16 @@ range p covers) of the candidate with the smallest KL(p||q), the larger one on
 ties. Candidates start at max(start_bin, L): with fewer bins than levels every
 bin is its own level, q only differs from p by the clipped mass, and the
 method would judge clipping alone. For the same reason, when the histogram
-has no more bins than levels (int16 with the default 2048 bins) the
-quantization grid is finer than the histogram and entropy returns the max.
+has no more (trimmed) bins than levels (int16 with the default 2048 bins)
+the quantization grid is finer than the histogram and entropy returns the max.
 
 Differences from pytorch-quantization, on purpose:
 
-* growth keeps ``num_bins`` and re-bins (pytorch-quantization keeps the bin
-  width and appends bins, so the bin count, and the entropy/mse work, grows
-  with every widening of the range);
+* the grid is [0, 2**k) in ``num_bins`` bins, coarsened exactly when the
+  range grows, for exact merges and order independence (pytorch-quantization
+  spans [0, max] of its first batch and keeps the bin width, appending bins
+  as the range grows, so the bin count, and the entropy/mse work, grows with
+  every widening and the grid depends on which batch came first);
 * percentile returns the *upper* edge of the bin where the cumulative count
   reaches the percentile, so at least that share of values is <= amax
   (pytorch-quantization returns that bin's lower edge);
@@ -80,10 +102,6 @@ HISTOGRAM_METHODS = CALIBRATION_METHODS[1:]
 # float32 (no denormal flushing in an engine) while quantizing any value of a
 # real tensor to +-1e-8, i.e. the tensor stays effectively zero, as calibrated.
 AMAX_FLOOR = 1e-8
-
-# torch.histc counts in the input's dtype; float32 stops counting past 2**24
-# in one bin (x + 1 == x), so larger tensors are histogrammed in float64.
-_FLOAT32_EXACT_COUNT = 2**24
 
 # Bound the (candidates x levels) temporaries of the entropy search.
 _ENTROPY_CHUNK = 1 << 20
@@ -132,12 +150,35 @@ class Calibrator:
     def compute_amax(self, bits: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def merge(self, other: Calibrator) -> None:
+        """Add ``other``'s statistics (of the same tensor, other batches) to this one's.
+
+        Exact: collecting batches a, b here and c, d in ``other`` then merging gives what
+        collecting a, b, c, d here would (``amax`` and ``batches``). ``other`` is left as is."""
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        mine, theirs = self._settings(), other._settings()
+        if mine != theirs:
+            diff = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k])
+            raise ValueError(f"cannot merge {type(self).__name__}s with different settings: {diff}")
+        if other._batches == 0:
+            return
+        self._merge(other)
+        self._batches += other._batches
+        self._device = other._device  # as collect does: the result goes where the latest data was
+
     def reset(self) -> None:
         self._batches = 0
 
     @property
     def batches(self) -> int:
         return self._batches
+
+    def _settings(self) -> dict:
+        return {}
+
+    def _merge(self, other: Calibrator) -> None:
+        raise NotImplementedError
 
     def _require_data(self) -> None:
         if self._batches == 0:
@@ -195,9 +236,23 @@ class MaxCalibrator(Calibrator):
         super().reset()
         self._amax = None
 
+    def _settings(self) -> dict:
+        return {"axis": self.axis}
+
+    def _merge(self, other: MaxCalibrator) -> None:
+        theirs = other._amax
+        if self._amax is None:
+            self._amax = theirs.clone()  # not a view: collect updates its running max in place
+            return
+        if theirs.shape != self._amax.shape:
+            raise InputError(f"per-channel calibration along axis {self.axis} saw {self._amax.numel()} "
+                             f"channels here and {theirs.numel()} in the calibrator merged into it")
+        torch.maximum(self._amax, theirs.to(self._amax.device), out=self._amax)
+
 
 class HistogramCalibrator(Calibrator):
-    """Histogram of |x| over [0, max seen]; amax by ``percentile``, ``entropy`` or ``mse``. Per tensor."""
+    """Histogram of |x| over [0, 2**k), k the smallest with |x| < 2**k; amax by ``percentile``,
+    ``entropy`` or ``mse``. Per tensor. See the module docstring for the grid."""
 
     def __init__(self, method: str = "entropy", num_bins: int = 2048, percentile: float = 99.99,
                  start_bin: int = 128):
@@ -205,8 +260,11 @@ class HistogramCalibrator(Calibrator):
         if method not in HISTOGRAM_METHODS:
             raise ValueError(f"unknown histogram calibration method {method!r}; "
                              f"choose one of {', '.join(HISTOGRAM_METHODS)}")
-        if not isinstance(num_bins, int) or num_bins < 2:
-            raise ValueError(f"num_bins must be an integer >= 2, not {num_bins!r}")
+        # A power of two, so that the grid coarsens exactly when the range doubles; at most
+        # 2**30 for int32 bin indices.
+        if (not isinstance(num_bins, int) or isinstance(num_bins, bool) or not 2 <= num_bins <= 2**30
+                or num_bins & (num_bins - 1)):
+            raise ValueError(f"num_bins must be a power of two from 2 to 2**30 (e.g. 2048), not {num_bins!r}")
         if not 0 < percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], not {percentile!r}")
         if not isinstance(start_bin, int) or start_bin < 1:
@@ -219,74 +277,112 @@ class HistogramCalibrator(Calibrator):
 
     def reset(self) -> None:
         super().reset()
-        # float64: counts stay exact integers up to 2**53, and re-binning makes them fractional.
+        # Integer counts in float64 (exact to 2**53), where the searches want them.
         self._counts = torch.zeros(self.num_bins, dtype=torch.float64)
-        self._hi = 0.0
+        self._exp: int | None = None  # the range is [0, 2**_exp); None while only zeros were seen
+        self._peak = 0.0  # the largest |x| seen, the top of the range the methods search
 
     @property
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(counts, edges) in float64, ``num_bins`` and ``num_bins + 1`` long; None before any data."""
+        """(counts, edges) in float64 as the amax methods see them, None before any data.
+
+        Trimmed after the last non-empty bin (between ``num_bins/2 + 1`` and ``num_bins``
+        bins), whose upper edge is the largest |x| seen; the other edges are multiples of
+        the grid's bin width, ``edges[1]``. All zeros so far: one bin, [0, 0]."""
         if self._batches == 0:
             return None
-        return self._counts.clone(), self._edges()
+        return self._trimmed()
 
-    def _edges(self) -> torch.Tensor:
-        return torch.linspace(0.0, self._hi, self.num_bins + 1, dtype=torch.float64)
+    def _trimmed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        used = int(torch.nonzero(self._counts)[-1]) + 1
+        width = 0.0 if self._exp is None else math.ldexp(1.0, self._exp - self._log2_bins)
+        edges = torch.arange(used + 1, dtype=torch.float64) * width
+        edges[used] = self._peak
+        return self._counts[:used].clone(), edges
+
+    @property
+    def _log2_bins(self) -> int:
+        return self.num_bins.bit_length() - 1
 
     def collect(self, x: torch.Tensor) -> None:
         x = _check_batch(x)
-        if x.numel() >= _FLOAT32_EXACT_COUNT:
-            x = x.double()
-        elif x.dtype != torch.float64:
-            x = x.float()  # histc has no half kernels on every device
-        mag = x.abs()
+        if x.dtype != torch.float64:
+            x = x.float()  # half's exponent range is too narrow to scale by, see _bin_indices
+        mag = x.abs().reshape(-1)
         peak = mag.max()
         _refuse_non_finite(x, peak)
         peak = float(peak)
-        if peak > self._hi:
-            self._widen(peak)
-        if self._hi > 0:
-            batch = torch.histc(mag, bins=self.num_bins, min=0.0, max=self._hi)
+        if peak > 0.0:
+            # frexp: peak = m * 2**e with 0.5 <= m < 1, so e is the smallest with peak < 2**e.
+            self._grow(math.frexp(peak)[1])
+        if self._exp is None:
+            self._counts[0] += mag.numel()
         else:
-            # Nothing but zeros so far: histc cannot take an empty range, and zeros
-            # belong in bin 0 whatever range comes later.
-            batch = torch.zeros(self.num_bins, dtype=torch.float64)
-            batch[0] = mag.numel()
-        self._counts += batch.to("cpu", torch.float64)
+            # bincount counts in int64: exact however large the tensor (histc counts in the input's dtype).
+            batch = torch.bincount(_bin_indices(mag, self._exp, self._log2_bins), minlength=self.num_bins)
+            self._counts += batch.to("cpu", torch.float64)
+        self._peak = max(self._peak, peak)
         self._device = x.device
         self._batches += 1
 
-    def _widen(self, hi: float) -> None:
-        old, self._hi = self._hi, hi
-        if old == 0.0:
-            return  # only exact zeros were seen, and they stay in bin 0
-        n = self.num_bins
-        # Old bin j covers [j*s, (j+1)*s) in units of new bins, s < 1, so it
-        # overlaps new bin floor(j*s) and possibly the next one.
-        s = old / hi
-        start = torch.arange(n, dtype=torch.float64) * s
-        first = start.floor().clamp(max=n - 1)
-        inside = ((first + 1 - start) / s).clamp(0.0, 1.0)
-        first = first.long()
-        share = self._counts * inside
-        counts = torch.zeros(n, dtype=torch.float64)
-        counts.index_add_(0, first, share)
-        counts.index_add_(0, (first + 1).clamp(max=n - 1), self._counts - share)
-        self._counts = counts
+    def _grow(self, exp: int) -> None:
+        if self._exp is None or exp > self._exp:
+            self._counts = _coarsen(self._counts, self._exp, exp)
+            self._exp = exp
+
+    def _settings(self) -> dict:
+        return {"method": self.method, "num_bins": self.num_bins, "percentile": self.percentile,
+                "start_bin": self.start_bin}
+
+    def _merge(self, other: HistogramCalibrator) -> None:
+        if other._exp is not None:
+            self._grow(other._exp)
+        self._counts += _coarsen(other._counts, other._exp, self._exp)  # reads other's counts, never writes them
+        self._peak = max(self._peak, other._peak)
 
     def compute_amax(self, bits: int) -> torch.Tensor:
         levels = _levels(bits)
         self._require_data()
-        if self._hi == 0.0:
+        if self._exp is None:
             return self._result(torch.tensor(0.0))
-        edges = self._edges()
+        counts, edges = self._trimmed()
         if self.method == "percentile":
-            amax = edges[_percentile_bin(self._counts, self.percentile) + 1]
+            amax = edges[_percentile_bin(counts, self.percentile) + 1]
         elif self.method == "entropy":
-            amax = edges[_entropy_edge(self._counts, levels, self.start_bin)]
+            amax = edges[_entropy_edge(counts, levels, self.start_bin)]
         else:
-            amax = edges[_mse_edge(self._counts, edges, levels - 1, self.start_bin)]
+            amax = edges[_mse_edge(counts, edges, levels - 1, self.start_bin)]
         return self._result(amax)
+
+
+def _bin_indices(mag: torch.Tensor, exp: int, log2_bins: int) -> torch.Tensor:
+    """floor(mag * 2**log2_bins / 2**exp) as int32, exactly, for 0 <= mag < 2**exp; scales ``mag`` in place.
+
+    Not torch.histc: it computes x * bins / (max - min), which overflows for |x| > 2**117 in
+    float32 (and 2**128 cannot be its max at all); its CUDA kernel is a different code path.
+    """
+    # Multiplying by a power of two is exact unless the product leaves the normal range: upwards
+    # it stays below the bin count, downwards only products below 1 (bin 0 either way) can turn
+    # subnormal. The factor itself must be normal, so large shifts go in steps.
+    limit = math.frexp(torch.finfo(mag.dtype).max)[1] - 2  # 2**+-limit is normal: 126 for float32
+    shift = log2_bins - exp
+    while shift:
+        step = max(-limit, min(limit, shift))
+        mag.mul_(2.0 ** step)
+        shift -= step
+    return mag.to(torch.int32)  # truncation is floor for these non-negative values
+
+
+def _coarsen(counts: torch.Tensor, exp: int | None, new_exp: int | None) -> torch.Tensor:
+    """The histogram over [0, 2**exp) regrouped onto [0, 2**new_exp), new_exp >= exp: bin i goes to
+    bin i // 2**(new_exp - exp), where its values land on the wider grid (exact)."""
+    if exp is None or exp == new_exp:
+        return counts  # only zeros (bin 0 on any grid), or the same grid
+    n = counts.numel()
+    group = 1 << min(new_exp - exp, n.bit_length() - 1)
+    coarse = torch.zeros_like(counts)
+    coarse[:n // group] = counts.reshape(n // group, group).sum(1)
+    return coarse
 
 
 def _percentile_bin(counts: torch.Tensor, percentile: float) -> int:

@@ -42,16 +42,17 @@ from ..errors import InputError, RecipeError
 from ..export import CHECK_SEED, converted_rig, recipe_of_converted
 from ..models import ARCHITECTURES, build_model, make_sample
 from ..passes import apply_passes
-from ..progress import Steps, print_warnings, track
+from ..progress import Steps, print_warnings
 from ..recipe import REPO_ROOT, Recipe, load_recipe
 from ..samples import torch_outputs
 from ..layerwise import profile_layers, torch_taps
 from ..layerwise.report import quantization_markdown, quantization_plot
 from .calib_set import CalibSet, build_calib_set, load_calib_set
+from .calibrate import calibrate
 from .fidelity import fidelity
 from .fold_bn import fold_batchnorms
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
-from .ort_flavour import widen_output_ranges
+from .parallel import evaluator, frame_predictions, scene_outputs
 from .sensitivity import group_modules, raise_if_unmet, search_int16
 from .user_data import held_out, score_nds
 from .sensitivity import markdown as sensitivity_markdown
@@ -122,35 +123,24 @@ def default_calib_set(recipe: Recipe, passes: list[str] | None = None) -> Path:
     return path
 
 
-def calibrate(qmodel: torch.nn.Module, recipe: Recipe, calib: CalibSet, *, quiet: bool = False,
-              suspects: list[str] | None = None, output_ranges: dict | None = None) -> list[str]:
-    """Calibrate every quantizer; returns the names of those that saw no data (not on the
-    deployed path). ``suspects`` collects the samples that cannot be real data (why, per file)."""
-    from ..temporal import sequence_runner
-    from ..temporal.runner import TorchEngine
-    from .user_data import suspect_sample
-
-    for q in quantizers(qmodel).values():
-        q.start_calibration()
-    # Temporal models calibrate in scene order on their own state (the fake-quant model's
-    # previous BEV, or previous key frame's depth and context), as the int8 engine runs.
-    runner = sequence_runner(recipe.model, TorchEngine(qmodel)) if calib.temporal else None
-    for sample in track(calib, "calibrating", quiet=quiet, total=len(calib)):
-        why = suspect_sample(sample.arrays) if suspects is not None else None
-        if why:
-            suspects.append(f"{sample.file}: {why}")
-        if runner is not None:
-            outputs = runner.step(runner.frame_from_arrays(sample.arrays, sample.scene, sample.index))
-        else:
-            outputs = torch_outputs(qmodel, sample.arrays)
-        if output_ranges is not None:  # float outputs: calibrating quantizers pass values through
-            widen_output_ranges(output_ranges, outputs)
-    return [name for name, q in quantizers(qmodel).items() if not q.finish_calibration()]
-
-
 def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
              int16: tuple[str, ...] = (), int16_sensitive: bool = False, eval_scenes: int | None = None,
-             rig: str | Path | None = None, overwrite: bool = False, quiet: bool = False) -> QuantizeResult:
+             rig: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
+             workers: int | None = None, ray_address: str | None = None) -> QuantizeResult:
+    """``workers`` > 1 runs calibration, the int16 search and the mAP scoring on a local Ray
+    instance of that many workers, ``ray_address`` on an existing cluster (Ray is an optional
+    extra); the results are the serial ones (deploykit.quantize.parallel).
+    """
+    from ..distributed import worker_pool
+
+    with worker_pool(workers, ray_address) as pool:
+        return _quantize(recipe, converted, out, calib=calib, int16=int16, int16_sensitive=int16_sensitive,
+                         eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet, pool=pool)
+
+
+def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None,
+              int16: tuple[str, ...], int16_sensitive: bool, eval_scenes: int | None, rig: str | Path | None,
+              overwrite: bool, quiet: bool, pool) -> QuantizeResult:
     """``recipe`` None takes the one the converted directory's manifest names.
     ``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
     smallest set of modules, ranked by measured sensitivity, that meets
@@ -193,7 +183,8 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         qmodel = insert_quantizers(folded, recipe.quantize.calibrator, recipe.quantize.calibrator_overrides)
         suspects: list[str] = []
         output_ranges: dict = {}
-        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet, suspects=suspects, output_ranges=output_ranges)
+        unused = calibrate(qmodel, recipe, calib_set, quiet=quiet, suspects=suspects, output_ranges=output_ranges,
+                           pool=pool)
         active = [n for n in quantizers(qmodel) if n not in unused]
     patterns = (() if int16_sensitive else tuple(recipe.quantize.int16)) + tuple(int16)
     matches, warnings = match_patterns(qmodel, patterns)
@@ -215,9 +206,11 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
                 chooser = data.samples(model, exclude={s.info["token"] for s in samples}) or samples
             else:
                 chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
-            search = search_int16(qmodel, active, chooser, [torch_outputs(model, s.feeds) for s in chooser],
+            chooser_refs = [torch_outputs(model, s.feeds) for s in chooser]
+            search = search_int16(qmodel, active, chooser, chooser_refs,
                                   target_db=spec.target_sqnr_db, budget=spec.int16_budget,
-                                  outputs=target_outputs, quiet=quiet)
+                                  outputs=target_outputs, quiet=quiet,
+                                  evaluate=evaluator(pool, qmodel, chooser, chooser_refs, target_outputs))
             search.stages = ARCHITECTURES[recipe.arch].stages
             raise_if_unmet(search)
         lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
@@ -245,11 +238,11 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
         report["layers"] = {key: p.to_dict() for key, p in layers.items()}
     if synthetic_eval:
         with steps.step(f"score float and quantized models in mAP on {synthetic_eval} labelled scenes"):
-            report["task_map"] = _task_map(recipe, model, qmodel, lifted, configurations)
+            report["task_map"] = _task_map(recipe, model, qmodel, lifted, configurations, pool)
     if user_eval:
         frames = data.eval_frames(eval_scenes)
         with steps.step(f"score float and quantized models in nuScenes NDS on {len(frames)} held-out frames"):
-            report["task_nds"] = _task_nds(data, frames, model, qmodel, lifted, configurations, quiet)
+            report["task_nds"] = _task_nds(data, frames, model, qmodel, lifted, configurations, quiet, pool)
     extra = (data.warnings if data else []) + _suspect_warning(calib_set, suspects, report)
     print_warnings(extra)
     with atomic_directory(out, overwrite=overwrite) as scratch:
@@ -283,6 +276,7 @@ def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path
                           "sensitivity": None if search is None else {"chosen": search.chosen,
                                                                       "file": "sensitivity.md"}},
                 "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
+                "workers": {"count": pool.workers, "where": pool.description},
                 "batchnorms_folded": num_folded, "warnings": warnings + extra,
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})
@@ -302,10 +296,14 @@ def _target_outputs(recipe: Recipe, model) -> list[str] | None:
     return [n for n in model.output_names if any(fnmatch.fnmatch(n, p) for p in patterns)]
 
 
-def _task_nds(data, frames, model, qmodel, lifted: list[str], configurations, quiet: bool) -> dict:
+def _task_nds(data, frames, model, qmodel, lifted: list[str], configurations, quiet: bool, pool=None) -> dict:
     """nuScenes metrics of the float model and each quantized configuration on the user's
     held-out annotated frames (PyTorch: the fake-quant model is what the QDQ graphs compute)."""
     from ..temporal.runner import TorchEngine
+
+    if pool is not None and pool.workers > 1:
+        predictions = frame_predictions(pool, data, model, qmodel, lifted, configurations, frames, quiet=quiet)
+        return score_nds(data, {}, frames, quiet=quiet, predictions=predictions)
 
     class _Configured(TorchEngine):
         def __init__(self, names16):
@@ -334,17 +332,24 @@ def _suspect_warning(calib_set: CalibSet, suspects: list[str], report: dict) -> 
             "(`deploykit calib --from`)"]
 
 
-def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations) -> dict:
+def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations, pool=None) -> dict:
     """nuScenes-style mAP of the float model and of each quantized configuration on
-    the same held-out labelled scenes."""
+    the same held-out labelled scenes. On a pool the model runs are spread over its
+    workers and the metrics computed here on their outputs, in scene order."""
     from ..detection.evaluate import EVAL_SEED
 
     n = recipe.quantize.eval_scenes
     arch = ARCHITECTURES[recipe.arch]
     evaluate = arch.score
     scenes = arch.labelled_scenes(recipe, model, range(EVAL_SEED, EVAL_SEED + n))
-    result = {"scenes": n, "first_seed": EVAL_SEED,
-              "float": evaluate(recipe, scenes, lambda feeds: torch_outputs(model, feeds))}
+    result = {"scenes": n, "first_seed": EVAL_SEED}
+    if pool is not None and pool.workers > 1:
+        outputs = scene_outputs(pool, model, qmodel, lifted, configurations, [s[0].feeds for s in scenes])
+        for key, runs in outputs.items():
+            ordered = iter(runs)  # evaluate runs the scenes in their order
+            result[key] = evaluate(recipe, scenes, lambda feeds, it=ordered: next(it))
+        return result
+    result["float"] = evaluate(recipe, scenes, lambda feeds: torch_outputs(model, feeds))
     for key, names16 in configurations:
         set_bits(qmodel, lifted, 8)
         set_bits(qmodel, names16, 16)

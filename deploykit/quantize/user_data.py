@@ -99,8 +99,11 @@ def held_out(calib_set, recipe, manifest: dict) -> HeldOut | None:
     return HeldOut(recipe, source, frames, pillar_format(manifest), rig, warnings)
 
 
-def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False) -> dict:
-    """nuScenes metrics of each engine (name -> anything with ``run``) on ``frames``."""
+def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False,
+              predictions: dict[str, dict] | None = None) -> dict:
+    """nuScenes metrics of each engine (name -> anything with ``run``) on ``frames``;
+    ``predictions`` (name -> boxes per frame token, as predict_frames returns them) scores
+    what was predicted elsewhere instead."""
     from ..detect import predict_frames
     from ..detection.submission import evaluation_classes
     from ..detection.nuscenes_eval import evaluate_frames
@@ -108,9 +111,10 @@ def score_nds(data: HeldOut, engines: dict, frames: list, *, quiet: bool = False
     classes = evaluation_classes(data.recipe.model)
     out = {"source": str(data.source.path), "frames": len(frames),
            "scenes": list(dict.fromkeys(f.scene for f in frames)), "classes": classes}
-    for key, engine in engines.items():
-        results = predict_frames(data.recipe, engine, frames, pillars=data.pillars, rig=data.rig,
-                                 description=f"scoring {key}", quiet=quiet)
+    for key in predictions or engines:
+        results = predictions[key] if predictions else predict_frames(
+            data.recipe, engines[key], frames, pillars=data.pillars, rig=data.rig, description=f"scoring {key}",
+            quiet=quiet)
         out[key] = evaluate_frames(frames, results, class_names=classes)
     return out
 

@@ -5,7 +5,9 @@ from the algorithms' definitions, run on the very histogram the calibrator
 holds, so the vectorised code must pick the same bin.
 """
 
+import itertools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -17,9 +19,10 @@ from deploykit.quantize.calibrators import (
     CALIBRATION_METHODS,
     HistogramCalibrator,
     MaxCalibrator,
+    _bin_indices,
+    _entropy_edge,
     make_calibrator,
 )
-from deploykit.quantize.calibrators import _entropy_edge
 
 
 def _gen(seed):
@@ -150,7 +153,7 @@ def test_percentile_ignores_a_few_outliers_that_max_keeps():
     x = torch.rand(400_000, generator=_gen(1)) * 2 - 1
     x[:5] = torch.tensor([300.0, -280.0, 250.0, 500.0, -499.0])  # 5 / 400k = 0.00125% < 0.01%
     assert float(_calibrated("max", x).compute_amax(8)) == 500.0
-    width = 500.0 / 2048
+    width = 512.0 / 2048  # the grid is [0, 2**9)
     assert float(_calibrated("percentile", x).compute_amax(8)) <= 1.0 + width
 
 
@@ -169,18 +172,28 @@ def test_entropy_matches_the_loop_reference(seed, data):
     counts, edges = cal.histogram
     best, _ = ref_entropy(counts.numpy(), 8)
     assert float(cal.compute_amax(8)) == pytest.approx(float(edges[best]), rel=1e-6)
-    assert 128 <= best <= 2048
-    if data == "gauss":
-        # pytorch-quantization's KL on N(0, sigma) with 1e5 samples keeps ~4.0-4.45 sigma here
-        # (the max is ~4.4-4.8 sigma); TensorRT folklore says 2.5-4.5 sigma.
-        sigma = 2.0
-        assert 3.5 * sigma <= float(cal.compute_amax(8)) <= 4.5 * sigma
+    assert 128 <= best <= counts.numel() and 1024 < counts.numel() <= 2048
     # a smaller histogram and start_bin, where the candidate loop is short
     small = HistogramCalibrator("entropy", num_bins=512, start_bin=130)
     small.collect(x)
     counts, edges = small.histogram
     best, _ = ref_entropy(counts.numpy(), 8, 130)
     assert float(small.compute_amax(8)) == pytest.approx(float(edges[best]), rel=1e-6)
+
+
+def test_entropy_clips_a_gaussian_near_4_sigma():
+    # TensorRT folklore says 2.5-4.5 sigma; with 1e5 samples the max is ~4.4-4.8 sigma. The KL
+    # objective is nearly flat over the sparse tail (on one draw, minima at ~4.1 and 4.3 sigma and
+    # the max within 1% of each other), so single draws land anywhere in 3.8-4.7 sigma. Over 200
+    # draws this grid and a 2048-bin [0, max] one (as pytorch-quantization's first batch) agree:
+    # median 4.13 vs 4.12 sigma, the max kept on 11% vs 7% of draws. The median of 10 is stable.
+    sigma, amax, peak = 2.0, [], []
+    for seed in range(10):
+        x = torch.randn(100_000, generator=_gen(100 + seed)) * sigma
+        amax.append(float(_calibrated("entropy", *x.chunk(3)).compute_amax(8)) / sigma)
+        peak.append(float(x.abs().max()) / sigma)
+    assert 3.9 <= float(np.median(amax)) <= 4.4 < float(np.median(peak))
+    assert all(3.5 <= a <= p for a, p in zip(amax, peak))
 
 
 @pytest.mark.parametrize("counts, bits, start_bin, want", [
@@ -253,16 +266,74 @@ def test_mse_keeps_flat_ranges_and_clips_heavy_tails():
     assert 8.4 <= amax <= 11.4  # ACIQ: ~9.89 b for 8 bits, b = 1
 
 
-# --------------------------------------------------------------- re-binning
+# ------------------------------------------------------ grid, merge, order
 
 
-def test_rebinning_keeps_counts_and_barely_depends_on_order():
-    # Tolerances: sequential and all-at-once histograms share the grid [0, max]; only the small
-    # batch's counts were re-binned, assuming uniform density within its 10x narrower bins, so
-    # counts move by a fraction of a coarse bin. Percentile and mse then land on the same edge
-    # (allow one bin). The KL objective is nearly flat over the sparse tail, so its argmin can
-    # jump by tens of bins under such perturbations; what must hold is that the re-binned choice
-    # is (nearly) as good on the direct histogram: KL within 1% of the optimum.
+def _exact_bins(values, exp, log2_bins):
+    """floor(v * 2**log2_bins / 2**exp) in integers: v = M * 2**E with an integer mantissa M."""
+    v = np.asarray(values)
+    digits = np.finfo(v.dtype).nmant + 1
+    m, e = np.frexp(v.astype(np.float64))
+    mant = np.ldexp(m, digits).astype(np.int64)  # exact: the mantissa has `digits` bits
+    shift = e.astype(np.int64) - digits + log2_bins - exp
+    return np.where(shift >= 0, mant << np.clip(shift, 0, 62), mant >> np.clip(-shift, 0, 63))
+
+
+def _probe_values(exp, log2_bins, dtype, seed):
+    """Values in [0, 2**exp): random at magnitudes down to 2**-40 of the range, every bin edge
+    and the float just below it, the largest float below 2**exp, and zero."""
+    g = _gen(seed)
+    half = 2.0 ** (exp - 1)  # 2**exp itself may not be a float
+    scale = torch.pow(2.0, -torch.randint(0, 40, (20_000,), generator=g).double())
+    rand = torch.rand(20_000, generator=g, dtype=torch.float64) * scale * half * 2
+    edges = torch.arange(1, 2 ** log2_bins, dtype=torch.float64) * (2.0 ** (exp - log2_bins))
+    below_top = torch.tensor([1 - 2.0 ** -60], dtype=torch.float64) * half * 2  # rounds up to 2**exp (or inf)
+    x = torch.cat([rand, edges, torch.tensor([0.0, half]), below_top]).to(dtype)
+    x = torch.cat([x, torch.nextafter(x, torch.zeros_like(x))])
+    return x[torch.isfinite(x) & ((x == 0) | (torch.frexp(x).exponent <= exp))]  # x < 2**exp
+
+
+@pytest.mark.parametrize("dtype, exps", [
+    # float32: subnormals, the normal range's ends, where x * bins overflows (histc), the top
+    (torch.float32, [-148, -126, -116, -1, 0, 1, 7, 117, 118, 128]),
+    (torch.float64, [-1000, -1, 0, 3, 1000, 1024]),
+])
+@pytest.mark.parametrize("log2_bins", [1, 6, 11])
+def test_bin_indices_are_exact(dtype, exps, log2_bins):
+    for k, exp in enumerate(exps):
+        x = _probe_values(exp, log2_bins, dtype, k)
+        want = _exact_bins(x.numpy(), exp, log2_bins)
+        # the probe reaches both ends, unless the bins are finer than the dtype's subnormals
+        assert want.min() == 0 and want.max() >= 2 ** (log2_bins - 1)
+        if 2.0 ** (exp - log2_bins) >= np.finfo(x.numpy().dtype).smallest_subnormal:
+            assert want.max() == 2 ** log2_bins - 1
+        got = _bin_indices(x.clone(), exp, log2_bins)
+        assert got.dtype == torch.int32 and np.array_equal(got.numpy(), want), (dtype, exp)
+    # the calibrator's histogram is the exact one (float16 goes through float32)
+    x = _probe_values(5, log2_bins, torch.float16, 0)
+    cal = HistogramCalibrator("percentile", num_bins=2 ** log2_bins)
+    cal.collect(x)
+    want = np.bincount(_exact_bins(x.numpy(), 5, log2_bins))
+    assert np.array_equal(cal.histogram[0].numpy(), want)
+
+
+def test_grid_is_a_power_of_two_range_coarsened_by_whole_bins():
+    cal = HistogramCalibrator("percentile", num_bins=8, percentile=100.0)
+    cal.collect(torch.tensor([0.0, -1.0, 3.0, 4.0]))  # 4 = 2**2 needs [0, 8): no value on the top edge
+    counts, edges = cal.histogram
+    assert counts.tolist() == [1, 1, 0, 1, 1]  # trimmed after the bin holding the max
+    assert edges.tolist() == [0, 1, 2, 3, 4, 4]  # that bin's top edge is the max
+    assert float(cal.compute_amax(8)) == 4.0
+    cal.collect(torch.tensor([-9.0, 0.5]))  # [0, 16): pairs of bins merge
+    counts, edges = cal.histogram
+    assert counts.tolist() == [3, 1, 1, 0, 1] and edges.tolist() == [0, 2, 4, 6, 8, 9]
+    cal.collect(torch.tensor([100.0]))  # [0, 128): 8 bins into one, then the rest
+    counts, edges = cal.histogram
+    assert counts.tolist() == [6, 0, 0, 0, 0, 0, 1] and edges.tolist() == [0, 16, 32, 48, 64, 80, 96, 100]
+    assert cal.batches == 3
+
+
+def test_growing_the_range_is_exact_and_order_free():
     small = torch.randn(50_000, generator=_gen(8))
     large = torch.randn(50_000, generator=_gen(9)) * 10
     both = torch.cat([small, large])
@@ -271,28 +342,163 @@ def test_rebinning_keeps_counts_and_barely_depends_on_order():
         once = _calibrated(method, both)
         rev = _calibrated(method, large, small)
         counts, edges = seq.histogram
-        once_counts, once_edges = once.histogram
-        assert float(counts.sum()) == pytest.approx(both.numel(), rel=1e-12)
-        assert torch.equal(edges, once_edges)  # same range, so same grid
-        assert torch.equal(rev.histogram[0], once_counts)  # no re-binning when the large batch is first
-        assert (counts - once_counts).abs().sum() < 0.01 * both.numel()
-        width = float(edges[1])
-        a_seq, a_once = float(seq.compute_amax(8)), float(once.compute_amax(8))
-        if method == "entropy":
-            i_seq = int(round(a_seq / width))
-            _, kls = ref_entropy(once_counts.numpy(), 8)
-            assert kls[i_seq] <= 1.01 * min(kls.values())
-        else:
-            assert abs(a_seq - a_once) <= width * 1.01
+        assert float(counts.sum()) == both.numel()
+        assert float(edges[-1]) == float(both.abs().max())
+        assert float(edges[1]) == 2.0 ** math.frexp(float(both.abs().max()))[1] / 2048
+        for other in (once, rev):
+            _assert_same(seq, other, batches=False)
 
 
-def test_rebinning_across_many_growing_batches():
+def test_many_growing_batches_match_one_batch():
     batches = [torch.randn(5_000, generator=_gen(10 + k)) * (1.3 ** k) for k in range(12)]
     cal = _calibrated("percentile", *batches)
     counts, edges = cal.histogram
-    assert float(counts.sum()) == pytest.approx(60_000, rel=1e-12)
-    assert float(edges[-1]) == pytest.approx(max(float(b.abs().max()) for b in batches))
-    assert (counts >= 0).all()
+    assert float(counts.sum()) == 60_000 and (counts >= 0).all()
+    assert float(edges[-1]) == max(float(b.abs().max()) for b in batches)
+    assert 1024 < counts.numel() <= 2048
+    _assert_same(cal, _calibrated("percentile", torch.cat(batches)), batches=False)
+
+
+def _assert_same(a, b, batches=True):
+    """Bit for bit: histograms (counts and edges) and amax at 8 and 16 bits."""
+    if batches:
+        assert a.batches == b.batches
+    if isinstance(a, HistogramCalibrator):
+        (ca, ea), (cb, eb) = a.histogram, b.histogram
+        assert torch.equal(ca, cb) and torch.equal(ea, eb)
+    for bits in (8, 16):
+        assert torch.equal(a.compute_amax(bits), b.compute_amax(bits))
+
+
+def _shifting_batches(seed, per_channel=False):
+    """Batches whose range grows and shrinks by orders of magnitude, all-zero ones (first, too),
+    and values on powers of two and bin edges."""
+    g = _gen(seed)
+    scales = [0.0, 1.0, 0.01, 300.0, 0.0, 5.0, 1e-3, 0.5, 40.0, 2.0 ** -20, 0.0, 7.0]
+    out = []
+    for s in scales:
+        size = int(torch.randint(1, 3000 // (6 if per_channel else 1), (1,), generator=g))
+        x = torch.randn(size, *(6,) * per_channel, generator=g) * s  # zeros come out as +-0
+        if per_channel:
+            x = x * torch.rand(6, generator=g)  # channels along axis 1
+        out.append(x)
+    edges = torch.tensor([2.0 ** 10, -2.0 ** 9, 3 * 2.0 ** 3, 0.25, -1.0])
+    out.insert(4, edges[:, None].expand(5, 6).clone() if per_channel else edges)
+    return out
+
+
+def _random_split(batches, gen):
+    """Consecutive shards at random cuts; a shard may be empty."""
+    cuts = sorted(torch.randint(0, len(batches) + 1, (int(torch.randint(1, 6, (1,), generator=gen)),),
+                                generator=gen).tolist())
+    bounds = [0, *cuts, len(batches)]
+    return [batches[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+@pytest.mark.parametrize("method, axis", [(m, None) for m in CALIBRATION_METHODS] + [("max", 1), ("max", -1)])
+def test_merged_shards_equal_serial_calibration(method, axis):
+    batches = _shifting_batches(20, per_channel=axis is not None)
+    serial = _calibrated(method, *batches, axis=axis)
+    g = _gen(21)
+    for _ in range(6):
+        shards = [_calibrated(method, *part, axis=axis) for part in _random_split(batches, g)]
+        driver = make_calibrator(method, axis)  # as the driver does: fresh, then every shard in order
+        for shard in shards:
+            driver.merge(shard)
+        _assert_same(driver, serial)
+        # merging into the first shard's calibrator is the same
+        first = shards[0]
+        for shard in shards[1:]:
+            first.merge(shard)
+        _assert_same(first, serial)
+    # a shard of zeros only, merged either way round
+    assert not batches[0].any()
+    zeros, rest = _calibrated(method, batches[0], axis=axis), _calibrated(method, *batches[1:], axis=axis)
+    rest.merge(zeros)
+    zeros.merge(_calibrated(method, *batches[1:], axis=axis))
+    _assert_same(zeros, serial)
+    _assert_same(rest, serial)
+
+
+@pytest.mark.parametrize("method", ["percentile", "max"])
+def test_merging_empty_is_a_no_op_and_into_empty_copies(method):
+    batches = _shifting_batches(22)
+    cal = _calibrated(method, *batches[:5])
+    before = _calibrated(method, *batches[:5])
+    cal.merge(make_calibrator(method))
+    _assert_same(cal, before)
+    empty = make_calibrator(method)
+    empty.merge(make_calibrator(method))
+    assert empty.batches == 0
+    empty.merge(cal)
+    _assert_same(empty, before)
+    # a copy: what either one collects next leaves the other alone
+    empty.collect(torch.tensor([1e6]))
+    _assert_same(cal, before)
+    cal.collect(torch.tensor([2e6]))
+    _assert_same(empty, _calibrated(method, *batches[:5], torch.tensor([1e6])))
+
+
+def test_histogram_does_not_depend_on_batch_order():
+    batches = _shifting_batches(23)
+    want = _calibrated("entropy", *batches)
+    for seed in range(6):
+        order = torch.randperm(len(batches), generator=_gen(seed)).tolist()
+        _assert_same(_calibrated("entropy", *[batches[i] for i in order]), want)
+
+
+def test_merge_refuses_other_kinds_and_settings():
+    hist = _calibrated("entropy", torch.randn(100, generator=_gen(24)))
+    for other, why in [
+        (_calibrated("max", torch.ones(3)), "cannot merge a MaxCalibrator into a HistogramCalibrator"),
+        (make_calibrator("mse"), "method 'entropy' vs 'mse'"),
+        (make_calibrator("entropy", num_bins=1024), "num_bins 2048 vs 1024"),
+        (make_calibrator("entropy", percentile=99.0), "percentile 99.99 vs 99.0"),
+        (make_calibrator("entropy", start_bin=64), "start_bin 128 vs 64"),
+        ({"counts": [1]}, "cannot merge a dict"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            hist.merge(other)
+    assert hist.batches == 1
+    per_channel = _calibrated("max", torch.ones(4, 3), axis=0)
+    with pytest.raises(ValueError, match="axis 0 vs 1"):
+        per_channel.merge(_calibrated("max", torch.ones(4, 3), axis=1))
+    with pytest.raises(ValueError, match="axis 0 vs None"):
+        per_channel.merge(_calibrated("max", torch.ones(4, 3)))
+    with pytest.raises(InputError, match="4 channels here and 5 in the calibrator merged"):
+        per_channel.merge(_calibrated("max", torch.ones(5, 3), axis=0))
+    assert per_channel.batches == 1 and torch.equal(per_channel.compute_amax(8), torch.ones(4))
+
+
+@pytest.mark.parametrize("method, axis", [(m, None) for m in CALIBRATION_METHODS] + [("max", 1)])
+def test_calibrators_survive_pickling(method, axis):
+    batches = _shifting_batches(25, per_channel=axis is not None)
+    cal = _calibrated(method, *batches[:6], axis=axis)
+    back = pickle.loads(pickle.dumps(cal))
+    _assert_same(back, cal)
+    assert back._settings() == cal._settings()
+    for b in batches[6:]:  # and they go on collecting and merging alike
+        back.collect(b)
+    driver = make_calibrator(method, axis)
+    driver.merge(pickle.loads(pickle.dumps(make_calibrator(method, axis))))
+    driver.merge(back)
+    _assert_same(driver, _calibrated(method, *batches, axis=axis))
+
+
+def test_one_bin_counts_past_float32_exactly():
+    # float32 counting (histc's, in the input's dtype) stops at 2**24 in one bin: 2**24 + 1 == 2**24
+    cal = HistogramCalibrator("percentile", num_bins=2)
+    x = torch.full((2 ** 24 + 3,), 0.75)
+    x[0] = 0.25
+    cal.collect(x)
+    assert cal.histogram[0].tolist() == [1, 2 ** 24 + 2]
+
+
+def test_num_bins_must_be_a_power_of_two():
+    for bad in (0, 1, 1000, 2049, 2 ** 31, 2048.0, True):
+        with pytest.raises(ValueError, match="num_bins must be a power of two"):
+            HistogramCalibrator(num_bins=bad)
+    assert HistogramCalibrator(num_bins=2).num_bins == 2
 
 
 # ---------------------------------------------------------- bad and odd data
@@ -328,6 +534,9 @@ def test_never_calibrated_and_empty(method):
 @pytest.mark.parametrize("method", CALIBRATION_METHODS)
 def test_all_zero_data_gives_a_tiny_positive_amax(method):
     cal = _calibrated(method, torch.zeros(6, 4), torch.zeros(3, 4))
+    if isinstance(cal, HistogramCalibrator):
+        counts, edges = cal.histogram  # no range yet: one bin, [0, 0]
+        assert counts.tolist() == [36] and edges.tolist() == [0, 0]
     for bits in (8, 16):
         amax = cal.compute_amax(bits)
         assert math.isfinite(float(amax)) and float(amax) == pytest.approx(AMAX_FLOOR)

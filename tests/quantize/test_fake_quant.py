@@ -151,7 +151,9 @@ def test_quantize_bevformer_with_temporal_calibration(bev_recipe, bev_quantized_
 def test_entropy_clips_raw_pillar_inputs_unless_overridden(small_recipe, converted_dir, tmp_path):
     # Decorated pillars carry coordinates in metres next to near-zero offsets, and the PFN's
     # per-point features have a long tail that the pillar max keeps: entropy calibration clips
-    # them and wrecks the model; max on the pillar encoder's quantizers fixes it.
+    # them and wrecks the model; max on the pillar encoder's quantizers fixes it. Only the
+    # pillar encoder is quantized here: entropy's choice on the backbone's activations (this
+    # untrained model's, calibrated on two samples) is unstable and not what is tested.
     from deploykit.quantize.fold_bn import fold_batchnorms
 
     model, _ = load_converted(small_recipe, converted_dir)
@@ -163,6 +165,8 @@ def test_entropy_clips_raw_pillar_inputs_unless_overridden(small_recipe, convert
                                                                               "pts_middle_encoder.*": "max"})):
         q = insert_quantizers(fold_batchnorms(model)[0], "entropy", overrides)
         unused = calibrate(q, small_recipe, calib, quiet=True)
-        set_mode(q, "quant", [n for n in quantizers(q) if n not in unused])
+        set_mode(q, "off")
+        set_mode(q, "quant", [n for n in quantizers(q) if n not in unused
+                              and n.startswith(("pts_voxel_encoder.", "pts_middle_encoder."))])
         worst[label] = min(f.sqnr_db for f in fidelity(ref, [torch_outputs(q, sample.feeds)]))
-    assert worst["entropy"] < 5 and worst["entropy + max input"] > worst["entropy"] + 5, worst
+    assert worst["entropy"] < 5 and worst["entropy + max input"] > worst["entropy"] + 10, worst
