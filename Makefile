@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_tool.py
 	$(PY) benchmarks/noise_floor.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf build .cache

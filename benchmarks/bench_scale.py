@@ -2,13 +2,15 @@
 
 One recipe (default: the trained centerpoint_pillar_synth, whose int16 set is chosen by
 measurement and whose mAP is scored on labelled scenes): convert once, then
-``quantize --int16-sensitive`` serially (the default) and with ``--workers N`` for each N
-asked, one after another in this process. Every run's fidelity.json, sensitivity.json,
-quantizers.json and quantized state must equal the serial run's (the benchmark fails
-otherwise). Reported: wall time of each run and of each parallel step, the speed-up, and
-a cost model measured from the runs (time per work item on one worker, items per step,
-bytes each worker receives) from which the expected wall time for more workers and for a
-nuScenes-size set follows. Writes benchmarks/results/scale.{md,json}.
+``quantize --int16-sensitive`` serially (the default, and at one thread: what each worker
+computes with) and with ``--workers N`` for each N asked, one after another in this
+process. The workers' fidelity.json, sensitivity.json, quantizers.json and quantized state
+must equal the one-thread serial run's bit for bit (the benchmark fails otherwise).
+Reported: wall time of each run and of each parallel step, the speed-up, and a cost model
+measured from the runs (the seconds each step's items computed alone and with the workers
+running at once, dispatch time, Ray's start and stop, bytes sent to each worker) from which
+the expected wall time for more workers and for a nuScenes-size set follows. Writes
+benchmarks/results/scale.{md,json}.
 
     python benchmarks/bench_scale.py [--recipe centerpoint_pillar_synth] [--workers 2] [--eval-scenes 100]
 """
@@ -87,11 +89,24 @@ def differences(a: dict, b: dict) -> dict:
             "same_int16_set": a["sensitivity"]["chosen"] == b["sensitivity"]["chosen"]}
 
 
-def work_items(search: dict, calib_samples: int, scenes: int, configurations: int) -> dict[str, int]:
-    """How many independent items each parallel step has (what bounds its speed-up)."""
-    tried = sum(s["candidates"] for s in search["steps"])
-    return {"calibration": calib_samples, "int16 search": 1 + 2 * len(search["modules"]) + tried,
-            "mAP scoring": scenes * (1 + configurations)}
+def map_steps(manifest: dict) -> dict[str, dict]:
+    """Per parallel step, from the pool's record of its maps: items, the seconds they computed
+    (on one worker each) and the maps' wall time. Serial calibration does not map: its step
+    time is its compute."""
+    out = {label: {"items": 0, "item_s": 0.0, "wall_s": 0.0} for label in PARALLEL.values()}
+    for m in manifest["workers"]["maps"]:
+        d = m["description"]
+        label = ("calibration" if d == "calibrating" else
+                 "int16 search" if d.startswith(("sensitivity", "int16 step")) else
+                 "mAP scoring" if d.startswith("scoring") else None)
+        if label:
+            for k in ("items", "item_s", "wall_s"):
+                out[label][k] += m[k]
+    if not out["calibration"]["items"]:
+        steps = step_times(manifest)
+        out["calibration"] = {"items": manifest["calibration"]["samples"], "item_s": steps["calibration"],
+                              "wall_s": steps["calibration"]}
+    return out
 
 
 def transfer_bytes(converted: Path, recipe) -> dict[str, int]:
@@ -108,24 +123,42 @@ def transfer_bytes(converted: Path, recipe) -> dict[str, int]:
             "one sample's feeds": sum(v.nbytes for v in feeds.values())}
 
 
-def cost_model(serial: dict, one_thread: dict, parallel: dict, items: dict[str, int],
-               scale: dict[str, int] | None = None, workers_list=(1, 2, 4, 8, 16, 32, 64)) -> dict:
-    """Wall time for N workers: the serial run's other steps, plus each parallel step's items
-    spread over N workers at the time one item takes on one thread (the serial one-thread run),
-    plus what the parallel run spent beyond that (starting workers, sending them the models and
-    samples, gathering results), counted once per step. ``scale`` replaces item counts."""
+def cost_model(one_thread: dict, parallel: dict, scale: dict[str, float] | None = None,
+               workers_list=(1, 2, 4, 8, 16, 32, 64)) -> dict:
+    """Wall time for N workers, from the runs' measurements: the part that stays on the driver
+    (loading, the fidelity check, the ONNX export), starting and stopping Ray, and each
+    parallel step's compute (one thread, alone) over N workers plus the dispatch time the
+    parallel run spent beyond its compute. Two rows: a core and its memory per worker (a
+    cluster), and this machine's contention (its two workers computed slower than one alone).
+    ``scale`` multiplies a step's compute (a bigger set)."""
     n = parallel["workers"]
-    per_item = {k: one_thread["steps"][k] / max(1, items[k]) for k in items}
-    overhead = {k: max(0.0, parallel["steps"][k] - per_item[k] * np.ceil(items[k] / n)) for k in items}
-    counts = {**items, **(scale or {})}
-    wall = {str(w): serial["steps"]["other"] + sum(per_item[k] * np.ceil(counts[k] / w) + overhead[k] for k in items)
-            for w in workers_list}
-    return {"per_item_s": per_item, "overhead_s": overhead, "items": counts, "wall_s": wall}
+    alone, shared = one_thread["maps"], parallel["maps"]
+    contention = {k: shared[k]["item_s"] / alone[k]["item_s"] if alone[k]["item_s"] else 1.0 for k in alone}
+    dispatch = {k: max(0.0, shared[k]["wall_s"] - shared[k]["item_s"] / n) for k in alone}
+    # The driver's own share: steps not parallel, and what parallel steps do besides mapping (metrics).
+    driver = one_thread["steps"]["other"] + sum(max(0.0, one_thread["steps"][k] - alone[k]["wall_s"]) for k in alone)
+    ray_fixed = max(0.0, parallel["wall_s"] - sum(parallel["steps"].values()))
+    scale = scale or {}
+
+    def wall(w: int, slower: dict) -> float:
+        compute = sum(alone[k]["item_s"] * scale.get(k, 1.0) * slower.get(k, 1.0) / w for k in alone)
+        return driver + compute + (0.0 if w == 1 else ray_fixed + sum(dispatch.values()))
+
+    def wall_here(w: int) -> float:
+        return wall(w, contention if w > 1 else {})
+
+    return {"contention": contention, "dispatch_s": dispatch, "driver_s": driver, "ray_start_stop_s": ray_fixed,
+            "scale": scale,
+            "wall_s": {str(w): wall(w, {}) for w in workers_list},
+            "wall_s_this_machine": {str(w): wall_here(w) for w in workers_list if w <= n}}
 
 
 def bench(recipe_name: str, workers: list[int], eval_scenes: int, tmp: Path) -> dict:
     import torch
 
+    from deploykit.memory import keep_freed_memory
+
+    keep_freed_memory()  # as `deploykit quantize` runs (the CLI applies it), serial and workers alike
     recipe = load_recipe(recipe_name)
     converted = tmp / "converted"
     convert(recipe, converted, quiet=True)
@@ -147,7 +180,7 @@ def bench(recipe_name: str, workers: list[int], eval_scenes: int, tmp: Path) -> 
         wall = time.perf_counter() - start
         manifest = json.loads((out / "manifest.json").read_text())
         run = {"label": label, "workers": n, "threads": threads or default_threads, "wall_s": wall,
-               "steps": step_times(manifest), "dir": out}
+               "steps": step_times(manifest), "maps": map_steps(manifest), "dir": out}
         runs[label] = run
         print(f"{label}: {wall:.1f} s {run['steps']}", flush=True)
     reference, exact = compared(runs["serial"]["dir"]), compared(runs["serial, 1 thread"]["dir"])
@@ -155,16 +188,13 @@ def bench(recipe_name: str, workers: list[int], eval_scenes: int, tmp: Path) -> 
         got = compared(run.pop("dir"))
         run["vs_serial"] = differences(reference, got)
         run["vs_serial_1_thread"] = differences(exact, got)
-    manifest = json.loads((tmp / "serial" / "manifest.json").read_text())
-    configurations = 1 + bool(manifest["quantizers"]["int16"])
-    items = work_items(reference["sensitivity"], manifest["calibration"]["samples"], eval_scenes, configurations)
-    serial, one, parallel = runs["serial"], runs["serial, 1 thread"], runs[f"--workers {max(workers)}"]
+    one, parallel = runs["serial, 1 thread"], runs[f"--workers {max(workers)}"]
+    scenes_scale = NUSCENES_VAL / max(1, eval_scenes)
     return {"recipe": recipe_name, "eval_scenes": eval_scenes, "runs": list(runs.values()),
-            "speedup": {label: serial["wall_s"] / r["wall_s"] for label, r in runs.items()},
-            "items": items, "transfer_bytes": transfer_bytes(converted, recipe),
-            "model": cost_model(serial, one, parallel, items),
-            "nuscenes_val": cost_model(serial, one, parallel, items,
-                                       {"mAP scoring": NUSCENES_VAL * (1 + configurations)})}
+            "speedup": {label: runs["serial"]["wall_s"] / r["wall_s"] for label, r in runs.items()},
+            "transfer_bytes": transfer_bytes(converted, recipe),
+            "model": cost_model(one, parallel),
+            "nuscenes_val": cost_model(one, parallel, {"mAP scoring": scenes_scale})}
 
 
 def markdown(report: dict) -> str:
@@ -189,27 +219,46 @@ def markdown(report: dict) -> str:
                      f"{r['speedup'][run['label']]:.2f}x | {verdict(run['vs_serial_1_thread'])} | "
                      f"{verdict(run['vs_serial'])} |")
     m, nus = r["model"], r["nuscenes_val"]
+    one = next(run for run in r["runs"] if run["label"] == "serial, 1 thread")
+    par = r["runs"][-1]
+    n = par["workers"]
     lines += ["", "Compared: sensitivity.json, quantizers.json, every amax, and fidelity.json's output SQNR, "
               "detection agreement and mAP. Workers compute with one thread each; PyTorch's CPU convolutions "
               "round differently with 1 and 2 threads, so the workers equal the serial run at one thread bit "
               "for bit, and the default serial run (2 threads) within the difference shown.", "",
-              "## Cost model", "",
-              "Per parallel step: independent work items, seconds per item on one thread (the serial "
-              "one-thread run) and the step's overhead on workers (what the parallel run spent beyond its "
-              "items: sending the models and samples, gathering results).", "",
-              "| step | items | s per item (1 worker) | overhead s |", "|---|---:|---:|---:|"]
-    for k, n in r["items"].items():
-        lines.append(f"| {k} | {n} | {m['per_item_s'][k]:.3f} | {m['overhead_s'][k]:.2f} |")
-    lines += ["", "Bytes sent to each worker: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in
-                                                          r["transfer_bytes"].items()) + ".", "",
-              "Expected wall time (s) = serial part + each step's items over N workers + its overhead:", "",
+              "## Where the time goes", "",
+              f"Per parallel step: its work items, the seconds they computed on one thread alone (the serial "
+              f"one-thread run) and on {n} workers at once (the pool times each item where it runs), the "
+              "ratio of the two (contention: workers sharing this machine's caches and memory), the step's "
+              "wall time on the workers and what it spent beyond its compute over the workers (dispatch).", "",
+              f"| step | items | compute s, alone | compute s, {n} at once | contention | wall s on {n} workers "
+              "| dispatch s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for k in one["maps"]:
+        a, b = one["maps"][k], par["maps"][k]
+        lines.append(f"| {k} | {b['items']} | {a['item_s']:.1f} | {b['item_s']:.1f} | {m['contention'][k]:.2f}x "
+                     f"| {b['wall_s']:.1f} | {m['dispatch_s'][k]:.2f} |")
+    ceiling = sum(one["maps"][k]["item_s"] for k in one["maps"]) / sum(par["maps"][k]["item_s"] / n
+                                                                     for k in one["maps"])
+    lines += ["", f"On the driver either way: {m['driver_s']:.1f} s (loading, the fidelity check, the ONNX export, "
+              f"the metrics). Starting and stopping Ray: {m['ray_start_stop_s']:.1f} s. With {n} workers on this "
+              f"machine the parallel steps' compute can speed up at most {ceiling:.2f}x (their compute alone over "
+              f"their compute at once / {n}), whoever schedules it: the contention column, not Ray, bounds it. "
+              "Bytes each worker is sent: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in
+                                                       r["transfer_bytes"].items()) + ".", "",
+              "## Expected wall time for N workers", "",
+              "Driver share + Ray start and stop + each step's compute (one thread, alone) over N workers + its "
+              "dispatch time; a core and its memory per worker (cluster nodes), or this machine's contention "
+              "where measured:", "",
               "| workers | " + " | ".join(m["wall_s"]) + " |", "|---|" + "---:|" * len(m["wall_s"]),
-              "| this run | " + " | ".join(f"{v:.0f}" for v in m["wall_s"].values()) + " |",
-              f"| mAP on nuScenes val ({NUSCENES_VAL} samples x {nus['items']['mAP scoring'] // NUSCENES_VAL} "
-              "models) | " + " | ".join(f"{v:.0f}" for v in nus["wall_s"].values()) + " |", "",
-              "The model assumes a core per worker and that items do not get cheaper with more workers. "
-              "Each greedy step of the search has only `lookahead` (4) items, so beyond 4 workers those "
-              "steps stop scaling; calibration has one item per shard of scenes."]
+              "| this run, a core per worker | " + " | ".join(f"{v:.0f}" for v in m["wall_s"].values()) + " |",
+              "| this run, this machine | " + " | ".join(f"{m['wall_s_this_machine'][w]:.0f}"
+                                                     if w in m["wall_s_this_machine"] else "" for w in m["wall_s"])
+              + " |",
+              f"| mAP on nuScenes val ({NUSCENES_VAL} samples), a core per worker | "
+              + " | ".join(f"{v:.0f}" for v in nus["wall_s"].values()) + " |", "",
+              "Each greedy step of the search has only `lookahead` (4) items, so those steps stop scaling at 4 "
+              "workers; the mAP row scales this recipe's per-scene cost (a small synthetic CenterPoint) to the "
+              "val set's size, a real BEVFormer costs far more per frame and scales the same way."]
     return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,9 @@ def main() -> None:
       deploykit convert --recipe centerpoint_pillar_nus --checkpoint ckpt.pth --out build/cp
       deploykit bench build/cp/model.onnx --json build/cp/bench.json
     """
+    from .memory import keep_freed_memory
+
+    keep_freed_memory()  # model runs reuse their pages instead of faulting them in (deploykit.memory)
 
 
 @main.command()

@@ -67,6 +67,10 @@ class QuantizeSpec:
     # the float model reaches this, using at most this many modules.
     target_sqnr_db: float = 30.0
     int16_budget: int = 8
+    # ...and whose extra bit-operations (MACs x weight bits x activation bits) are at most this
+    # fraction of the all-int8 model's (0.05: 5% more; 0 = no cost budget). See sensitivity.md's
+    # fidelity-against-cost section for what each set costs.
+    int16_cost_budget: float = 0.0
     # Shell-style patterns of the outputs that target counts (default: all). Leave out
     # outputs nobody reads: near-zero ones have a meaningless SQNR (e.g. velocity
     # from a model trained on single sweeps).
@@ -85,6 +89,8 @@ class QuantizeSpec:
             raise ValueError("calib_samples and frames_per_scene must be at least 1")
         if self.eval_scenes < 0:
             raise ValueError("eval_scenes must be 0 (off) or more")
+        if self.int16_budget < 0 or self.int16_cost_budget < 0:
+            raise ValueError("int16_budget and int16_cost_budget must be 0 or more")
 
 
 @dataclass(frozen=True)

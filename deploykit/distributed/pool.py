@@ -17,12 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import DeployError, InputError
 from ..progress import console, track
 
 RETRIES = 2
+
+
+class MapStats:
+    """What one map cost: wall time, and the seconds its items computed (on whichever worker)."""
+
+    def __init__(self):
+        self.maps: list[dict] = []
+
+    def record(self, description: str, wall_s: float, item_s: list[float]) -> None:
+        self.maps.append({"description": description, "items": len(item_s), "wall_s": round(wall_s, 4),
+                          "item_s": round(sum(item_s), 4), "slowest_item_s": round(max(item_s, default=0.0), 4)})
 
 
 class SerialPool:
@@ -33,13 +45,20 @@ class SerialPool:
 
     def __init__(self) -> None:
         self.shared: dict[str, Any] = {}
+        self.stats = MapStats()
 
     def share(self, **objects) -> None:
         self.shared = objects
 
     def map(self, fn: Callable, items: Sequence, description: str, *, quiet: bool = False,
             names: Sequence[str] | None = None) -> list:
-        return [fn(self.shared, item) for item in track(list(items), description, quiet=quiet)]
+        start, results, seconds = time.perf_counter(), [], []
+        for item in track(list(items), description, quiet=quiet):
+            t = time.perf_counter()
+            results.append(fn(self.shared, item))
+            seconds.append(time.perf_counter() - t)
+        self.stats.record(description, time.perf_counter() - start, seconds)
+        return results
 
     def close(self) -> None:
         self.shared = {}
@@ -64,7 +83,10 @@ class RayPool:
         self._actors: list = []
         self._generation = 0
         self._shared: tuple[int, dict] = (0, {})
+        self.stats = MapStats()
         self._worker_cls = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_Worker)
+        # Actors start now and boot (import torch: seconds) while the driver loads the model.
+        self._start()
 
     def share(self, **objects) -> None:
         """Put ``objects`` in Ray's object store once; each worker reads them at its next item
@@ -85,6 +107,8 @@ class RayPool:
         names = list(names) if names is not None else [f"item {i + 1} of {len(items)}" for i in range(len(items))]
         self._start()
         results: list = [None] * len(items)
+        seconds: list[float] = [0.0] * len(items)
+        start = time.perf_counter()
         pending: dict = {}  # ref -> (item index, actor)
         free = list(self._actors)
         queue = iter(range(len(items)))
@@ -99,7 +123,7 @@ class RayPool:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1)
                     i, actor = pending.pop(done[0])
-                    results[i] = _get(ray, done[0], names[i], description)
+                    results[i], seconds[i] = _get(ray, done[0], names[i], description)
                     bar.advance()
                     nxt = next(queue, None)
                     if nxt is not None:
@@ -108,6 +132,7 @@ class RayPool:
             # Workers may be dead or mid-item: the next share starts fresh ones.
             self.release()
             raise
+        self.stats.record(description, time.perf_counter() - start, seconds)
         return results
 
     def release(self) -> None:
@@ -130,15 +155,19 @@ class _Worker:
         # One thread per CPU Ray gave this worker: N workers on N cores do not oversubscribe them.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
+        from ..memory import keep_freed_memory
+
+        keep_freed_memory()  # workers sharing a machine otherwise contend on page faults (deploykit.memory)
         self.key, self.shared = None, {}
 
     def run(self, shared: tuple[int, dict], fn: Callable, item):
         import ray
 
         key, refs = shared  # refs inside a tuple are not resolved by Ray: fetched once per share
+        start = time.perf_counter()  # fetching the shared objects counts: it is the item's cost here
         if key != self.key:
             self.key, self.shared = key, {k: ray.get(v) for k, v in refs.items()}
-        return fn(self.shared, item)
+        return fn(self.shared, item), time.perf_counter() - start
 
 
 def _get(ray, ref, name: str, description: str):

@@ -13,7 +13,8 @@ from .sensitivity import Configuration, WorstSqnr
 
 
 class PooledWorstSqnr:
-    """WorstSqnr on a pool: each worker holds the quantized model, the samples and the references."""
+    """WorstSqnr on a pool: each worker holds the quantized model, the samples and the references
+    (a SerialPool holds the live ones)."""
 
     def __init__(self, pool, qmodel, samples, references, outputs: list[str] | None = None):
         self.pool = pool
@@ -30,42 +31,49 @@ def _worst_sqnr(shared: dict, config: Configuration) -> float:
 
 
 def evaluator(pool, qmodel, samples, references, outputs=None):
-    """The int16 search's evaluator: here on the live model, or on the pool's workers."""
-    if pool is None or pool.workers == 1:
+    """The int16 search's evaluator on the pool (a SerialPool runs it here, on the live model,
+    and times its items as the workers do), or without one here."""
+    if pool is None:
         return WorstSqnr(qmodel, samples, references, outputs)
     return PooledWorstSqnr(pool, qmodel, samples, references, outputs)
 
 
-def scene_outputs(pool, model, qmodel, lifted: list[str], configurations, feeds: list[dict], *,
-                  quiet: bool = True) -> dict[str, list[dict]]:
-    """Outputs of the float model ("float") and of each quantized configuration (key ->
-    int16 quantizers) on every scene's feeds, in scene order, computed on the pool's workers
-    a shard of scenes at a time."""
+def labelled_scene_outputs(pool, recipe, model, qmodel, lifted: list[str], configurations, seeds: range, *,
+                           quiet: bool = True) -> tuple[list[tuple], dict[str, list[dict]]]:
+    """The architecture's labelled scenes for ``seeds`` (their feeds left out) and the outputs
+    of the float model ("float") and of each quantized configuration (key -> int16
+    quantizers) on them, in seed order. Each worker generates a shard of scenes itself (a
+    scene is a function of its seed) and runs every model on it: only seeds go out and
+    outputs and ground truth come back, where sending the feeds would cost more than the
+    model runs."""
     from ..distributed import contiguous
 
+    # More shards than workers: shards finish unevenly, the last ones fill the gaps.
+    shards = contiguous(len(seeds), pool.workers * 4)
+    pool.share(recipe=recipe, model=model, qmodel=qmodel, lifted=list(lifted),
+               configurations=[(key, list(names)) for key, names in configurations])
+    items = [seeds[r.start:r.stop] for r in shards]
+    names = [f"scenes {r.start + 1}-{r.stop} of {len(seeds)}" for r in shards]
+    results = pool.map(_scene_shard, items, "scoring scenes", quiet=quiet, names=names)
+    scenes = [scene for shard in results for scene in shard["scenes"]]
     keys = ["float"] + [key for key, _ in configurations]
-    int16 = {key: list(names) for key, names in configurations}
-    shards = contiguous(len(feeds), pool.workers * 2)
-    pool.share(model=model, qmodel=qmodel, lifted=list(lifted))
-    items = [{"key": key, "int16": int16.get(key), "feeds": [feeds[i] for i in r]} for key in keys for r in shards]
-    names = [f"{it['key']} on scenes {r.start + 1}-{r.stop} of {len(feeds)}" for it, r in
-             zip(items, [r for _ in keys for r in shards])]
-    results = pool.map(_outputs, items, "scoring scenes", quiet=quiet, names=names)
-    out: dict[str, list[dict]] = {key: [] for key in keys}
-    for item, result in zip(items, results):
-        out[item["key"]].extend(result)
-    return out
+    return scenes, {key: [o for shard in results for o in shard["outputs"][key]] for key in keys}
 
 
-def _outputs(shared: dict, item: dict) -> list[dict]:
+def _scene_shard(shared: dict, seeds: range) -> dict:
+    import dataclasses
+
+    from ..models import ARCHITECTURES
     from ..samples import torch_outputs
 
-    if item["int16"] is None:
-        return [torch_outputs(shared["model"], f) for f in item["feeds"]]
-    qmodel = shared["qmodel"]
-    set_bits(qmodel, shared["lifted"], 8)
-    set_bits(qmodel, item["int16"], 16)
-    return [torch_outputs(qmodel, f) for f in item["feeds"]]
+    recipe, model, qmodel = shared["recipe"], shared["model"], shared["qmodel"]
+    scenes = ARCHITECTURES[recipe.arch].labelled_scenes(recipe, model, seeds)
+    outputs = {"float": [torch_outputs(model, s[0].feeds) for s in scenes]}
+    for key, names16 in shared["configurations"]:
+        set_bits(qmodel, shared["lifted"], 8)
+        set_bits(qmodel, names16, 16)
+        outputs[key] = [torch_outputs(qmodel, s[0].feeds) for s in scenes]
+    return {"scenes": [(dataclasses.replace(s[0], feeds={}), *s[1:]) for s in scenes], "outputs": outputs}
 
 
 def frame_predictions(pool, data, model, qmodel, lifted: list[str], configurations, frames: list, *,

@@ -49,10 +49,12 @@ from ..layerwise import profile_layers, torch_taps
 from ..layerwise.report import quantization_markdown, quantization_plot
 from .calib_set import CalibSet, build_calib_set, load_calib_set
 from .calibrate import calibrate
+from .cost import measure_macs
 from .fidelity import fidelity
 from .fold_bn import fold_batchnorms
 from .insert import insert_quantizers, match_patterns, quantizers, set_bits, set_mode
-from .parallel import evaluator, frame_predictions, scene_outputs
+from .parallel import evaluator, frame_predictions, labelled_scene_outputs
+from .pareto import plot as pareto_plot
 from .sensitivity import group_modules, raise_if_unmet, search_int16
 from .user_data import held_out, score_nds
 from .sensitivity import markdown as sensitivity_markdown
@@ -207,10 +209,12 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
             else:
                 chooser = [make_sample(recipe, SEARCH_SEED + i, model) for i in range(recipe.check.samples)]
             chooser_refs = [torch_outputs(model, s.feeds) for s in chooser]
+            cost = measure_macs(qmodel, chooser[0].feeds, group_modules(active))
             search = search_int16(qmodel, active, chooser, chooser_refs,
                                   target_db=spec.target_sqnr_db, budget=spec.int16_budget,
                                   outputs=target_outputs, quiet=quiet,
-                                  evaluate=evaluator(pool, qmodel, chooser, chooser_refs, target_outputs))
+                                  evaluate=evaluator(pool, qmodel, chooser, chooser_refs, target_outputs),
+                                  cost=cost, cost_budget=spec.int16_cost_budget)
             search.stages = ARCHITECTURES[recipe.arch].stages
             raise_if_unmet(search)
         lifted = sorted(set(lifted) | set(search.chosen_quantizers()))
@@ -255,8 +259,11 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
         with steps.step("write quantized state, fidelity report and manifest"):
             if search is not None:
                 write_json(scratch / "sensitivity.json", search.to_dict())
-                (scratch / "sensitivity.md").write_text(sensitivity_markdown(search, recipe.name))
+                task = _task_at_chosen(report, search, lifted)
+                (scratch / "sensitivity.md").write_text(sensitivity_markdown(search, recipe.name, task))
                 sensitivity_plot(search, scratch / "sensitivity.png")
+                if search.cost is not None:
+                    pareto_plot(search, scratch / "pareto.png", task)
             save_safetensors(qmodel.state_dict(), scratch / "quant_state.safetensors")
             write_json(scratch / "quantizers.json", [_describe(name, q) for name, q in quantizers(qmodel).items()
                                                      if name in active])
@@ -276,11 +283,27 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
                           "sensitivity": None if search is None else {"chosen": search.chosen,
                                                                       "file": "sensitivity.md"}},
                 "quantizers": {"active": len(active), "int16": len(lifted), "unused": unused},
-                "workers": {"count": pool.workers, "where": pool.description},
+                # Each map's wall time against its items' compute seconds: how well the workers were used.
+                "workers": {"count": pool.workers, "where": pool.description, "maps": pool.stats.maps},
                 "batchnorms_folded": num_folded, "warnings": warnings + extra,
                 "onnx": {k: v["file"] for k, v in report["onnxruntime_vs_fake_quant"].items()},
                 "timings_s": steps.timings})
     return QuantizeResult(out, report, warnings + extra)
+
+
+def _task_at_chosen(report: dict, search, lifted: list[str]) -> dict | None:
+    """The task metric of all int8 and of the chosen int16 set, where both were scored (the
+    int8 + int16 configuration is the chosen set unless --int16 patterns added to it)."""
+    if sorted(search.chosen_quantizers()) != sorted(lifted):
+        return None
+    for key, metric in (("task_map", "mAP"), ("task_nds", "NDS")):
+        scores = report.get(key)
+        if scores and "int8" in scores:
+            chosen = scores.get("int8_int16", scores["int8"])  # no int16 set: the chosen point is all int8
+            if scores["int8"].get(metric) is not None and chosen.get(metric) is not None:
+                return {"metric": metric, "float": scores["float"][metric], "all int8": scores["int8"][metric],
+                        "chosen": chosen[metric]}
+    return None
 
 
 def _target_outputs(recipe: Recipe, model) -> list[str] | None:
@@ -332,28 +355,20 @@ def _suspect_warning(calib_set: CalibSet, suspects: list[str], report: dict) -> 
             "(`deploykit calib --from`)"]
 
 
-def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations, pool=None) -> dict:
+def _task_map(recipe: Recipe, model, qmodel, lifted: list[str], configurations, pool) -> dict:
     """nuScenes-style mAP of the float model and of each quantized configuration on
-    the same held-out labelled scenes. On a pool the model runs are spread over its
-    workers and the metrics computed here on their outputs, in scene order."""
+    the same held-out labelled scenes, generated and run a shard at a time on the pool
+    (here, or on its workers) and scored here in scene order."""
     from ..detection.evaluate import EVAL_SEED
 
     n = recipe.quantize.eval_scenes
-    arch = ARCHITECTURES[recipe.arch]
-    evaluate = arch.score
-    scenes = arch.labelled_scenes(recipe, model, range(EVAL_SEED, EVAL_SEED + n))
+    evaluate = ARCHITECTURES[recipe.arch].score
+    scenes, outputs = labelled_scene_outputs(pool, recipe, model, qmodel, lifted, configurations,
+                                             range(EVAL_SEED, EVAL_SEED + n))
     result = {"scenes": n, "first_seed": EVAL_SEED}
-    if pool is not None and pool.workers > 1:
-        outputs = scene_outputs(pool, model, qmodel, lifted, configurations, [s[0].feeds for s in scenes])
-        for key, runs in outputs.items():
-            ordered = iter(runs)  # evaluate runs the scenes in their order
-            result[key] = evaluate(recipe, scenes, lambda feeds, it=ordered: next(it))
-        return result
-    result["float"] = evaluate(recipe, scenes, lambda feeds: torch_outputs(model, feeds))
-    for key, names16 in configurations:
-        set_bits(qmodel, lifted, 8)
-        set_bits(qmodel, names16, 16)
-        result[key] = evaluate(recipe, scenes, lambda feeds: torch_outputs(qmodel, feeds))
+    for key, runs in outputs.items():
+        ordered = iter(runs)  # evaluate runs the scenes in their order
+        result[key] = evaluate(recipe, scenes, lambda feeds, it=ordered: next(it))
     return result
 
 

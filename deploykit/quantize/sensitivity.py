@@ -12,18 +12,20 @@ module two figures are measured on the check samples:
 Modules are ranked by gain, then added to the int16 set greedily until the
 worst output SQNR meets the recipe's target: each step measures the best-ranked
 few remaining modules on top of the set so far and adds the one that helps most
-then. The search stops at the budget and, if the target is still out of reach,
-says how close the best set came.
+then. The search stops at the budget (in modules, and optionally in extra
+bit-operations, deploykit.quantize.cost) and, if the target is still out of reach,
+says how close the best set came. Every set it measured is a point of fidelity
+against cost (deploykit.quantize.pareto).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from ..errors import CheckFailedError
 from ..progress import track
 from ..samples import torch_outputs
+from .cost import CostModel
 from .fidelity import fidelity
 from .insert import set_bits, set_mode
 
@@ -48,6 +50,8 @@ class Search:
     # (module-path prefix, stage label), the architecture's stage table: a fused model's
     # report says which stream each module is in.
     stages: tuple[tuple[str, str], ...] = ()
+    cost: CostModel | None = None  # bit-ops per module
+    cost_budget: float = 0.0  # most extra bit-ops of the int16 set, as a fraction of all int8's (0: none)
 
     def stage(self, module: str) -> str:
         # Stage prefixes are module paths, "." or "/" separated (the profiler reads ONNX node names).
@@ -68,9 +72,18 @@ class Search:
         return sorted(q for module in self.chosen for q in names[module])
 
     def to_dict(self) -> dict:
+        from . import pareto
+
+        costs = ({} if self.cost is None else
+                 {m.module: {"macs": self.cost.macs[m.module], "extra_cost": self.cost.extra([m.module])}
+                  for m in self.modules})
         return {"baseline_worst_sqnr_db": self.baseline_sqnr_db, "target_db": self.target_db, "budget": self.budget,
-                "met": self.met, "final_worst_sqnr_db": self.final_sqnr_db, "chosen": self.chosen, "steps": self.steps,
-                "modules": [{**m.__dict__, "stage": self.stage(m.module)} for m in self.modules]}
+                "cost_budget": self.cost_budget, "met": self.met, "final_worst_sqnr_db": self.final_sqnr_db,
+                "chosen": self.chosen,
+                "chosen_extra_cost": None if self.cost is None else self.cost.extra(self.chosen), "steps": self.steps,
+                "modules": [{**m.__dict__, "stage": self.stage(m.module), **costs.get(m.module, {})}
+                            for m in self.modules],
+                **({} if self.cost is None else {"cost": self.cost.to_dict(), "pareto": pareto.summary(self)})}
 
 
 def group_modules(names: list[str]) -> dict[str, list[str]]:
@@ -116,10 +129,13 @@ class WorstSqnr:
 
 def search_int16(qmodel, active: list[str], samples, references, *, target_db: float, budget: int,
                  outputs: list[str] | None = None, lookahead: int = 4, quiet: bool = False,
-                 evaluate=None) -> Search:
+                 evaluate=None, cost: CostModel | None = None, cost_budget: float = 0.0) -> Search:
     """``outputs``: the outputs whose worst SQNR is the target (default: all). ``evaluate``
     runs a list of Configurations (default: WorstSqnr here); whoever runs them, the search
-    and its result are the same."""
+    and its result are the same. ``cost_budget`` (> 0, needs ``cost``): sets whose extra
+    bit-ops exceed this fraction of the all-int8 model's are not tried."""
+    if cost_budget < 0 or (cost_budget and cost is None):
+        raise ValueError("cost_budget must be 0 (none) or a positive fraction, and needs a cost model")
     groups = group_modules(active)
     evaluate = evaluate or WorstSqnr(qmodel, samples, references, outputs)
     active = tuple(active)
@@ -130,7 +146,7 @@ def search_int16(qmodel, active: list[str], samples, references, *, target_db: f
     measured = [ModuleSensitivity(module, names, sqnr[2 * i], sqnr[2 * i + 1], sqnr[2 * i + 1] - baseline)
                 for i, (module, names) in enumerate(groups.items())]
     measured.sort(key=lambda m: (-m.gain_db, m.alone_sqnr_db))
-    result = Search(baseline, measured, target_db=target_db, budget=budget)
+    result = Search(baseline, measured, target_db=target_db, budget=budget, cost=cost, cost_budget=cost_budget)
     if baseline >= target_db:
         return _restore(qmodel, active, result)
     # Gains do not add up (lifting one module changes what the next one is worth), so
@@ -138,7 +154,11 @@ def search_int16(qmodel, active: list[str], samples, references, *, target_db: f
     # keeps the one that helps most now.
     remaining, chosen16 = list(measured), ()
     while len(result.chosen) < budget and remaining:
-        candidates = remaining[:lookahead]
+        affordable = [m for m in remaining
+                      if not cost_budget or cost.extra([*result.chosen, m.module]) <= cost_budget * (1 + 1e-9)]
+        if not affordable:
+            break
+        candidates = affordable[:lookahead]
         tried = evaluate([Configuration(active, chosen16 + tuple(m.quantizers)) for m in candidates],
                          f"int16 step {len(result.chosen) + 1}", quiet)
         # max() keeps the first of equals: the better-ranked candidate, as the serial loop did.
@@ -147,6 +167,7 @@ def search_int16(qmodel, active: list[str], samples, references, *, target_db: f
         chosen16 += tuple(best.quantizers)
         result.chosen.append(best.module)
         result.steps.append({"module": best.module, "worst_sqnr_db": worst, "candidates": len(tried),
+                             **({} if cost is None else {"extra_cost": cost.extra(result.chosen)}),
                              "tried": [{"module": m.module, "worst_sqnr_db": t} for t, m in zip(tried, candidates)]})
         if worst >= target_db:
             break
@@ -164,23 +185,38 @@ def raise_if_unmet(search: Search) -> None:
         return
     best = max([s["worst_sqnr_db"] for s in search.steps], default=search.baseline_sqnr_db)
     top = ", ".join(f"{m.module} (+{m.gain_db:.1f} dB)" for m in search.modules[:3])
+    within = f"at most {search.budget} modules" + (
+        f" and {100 * search.cost_budget:.2f}% extra bit-ops" if search.cost_budget else "")
     raise CheckFailedError(
-        f"no int16 set of at most {search.budget} modules reaches {search.target_db:.1f} dB worst-output SQNR: "
+        f"no int16 set of {within} reaches {search.target_db:.1f} dB worst-output SQNR: "
         f"all-int8 gives {search.baseline_sqnr_db:.1f} dB, the best set {best:.1f} dB. The modules that help most: "
-        f"{top}. Raise [quantize] int16_budget, lower target_sqnr_db, or try another calibrator")
+        f"{top}. Raise [quantize] int16_budget{' or int16_cost_budget' if search.cost_budget else ''}, "
+        "lower target_sqnr_db, or try another calibrator")
 
 
-def markdown(search: Search, recipe: str) -> str:
+def markdown(search: Search, recipe: str, task: dict | None = None) -> str:
+    """sensitivity.md. ``task``: the task metric where it was measured (see pareto.markdown)."""
     from ..report import markdown_table
+    from . import pareto
 
+    cost = search.cost
+    budget = f"budget {search.budget} modules" + (
+        f" and {100 * search.cost_budget:.2f}% extra bit-ops" if search.cost_budget else "")
+    extra = f" (+{100 * cost.extra(search.chosen):.2f}% bit-ops)" if cost is not None else ""
     lines = [f"# int16 sensitivity: {recipe}", "",
              f"All int8: worst output SQNR {search.baseline_sqnr_db:.1f} dB; target {search.target_db:.1f} dB, "
-             f"budget {search.budget} modules; {'met' if search.met else 'NOT met'} with "
-             f"{len(search.chosen)} module(s) in int16.", ""]
+             f"{budget}; {'met' if search.met else 'NOT met'} with "
+             f"{len(search.chosen)} module(s) in int16{extra}.", ""]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}"
+
     if search.steps:
-        lines += ["## Greedy choice", "", markdown_table(["added to int16", "stage", "worst SQNR dB after"],
-                                                         [[s["module"], search.stage(s["module"]),
-                                                           f"{s['worst_sqnr_db']:.1f}"] for s in search.steps]), ""]
+        lines += ["## Greedy choice", "",
+                  markdown_table(["added to int16", "stage", "worst SQNR dB after",
+                                  *(["extra bit-ops % after"] if cost else [])],
+                                 [[s["module"], search.stage(s["module"]), f"{s['worst_sqnr_db']:.1f}",
+                                   *([pct(s["extra_cost"])] if cost else [])] for s in search.steps]), ""]
     chosen = set(search.chosen)
     if chosen and search.stages:
         per_stage: dict[str, int] = {}
@@ -188,10 +224,14 @@ def markdown(search: Search, recipe: str) -> str:
             per_stage[search.stage(module)] = per_stage.get(search.stage(module), 0) + 1
         lines += ["int16 modules per stage: " + ", ".join(f"{k} {v}" for k, v in per_stage.items()) + ".", ""]
     rows = [[m.module, search.stage(m.module), f"{m.gain_db:+.2f}", f"{m.alone_sqnr_db:.1f}", len(m.quantizers),
+             *([f"{cost.macs[m.module] / 1e6:.2f}", pct(cost.extra([m.module]))] if cost else []),
              "yes" if m.module in chosen else ""] for m in search.modules]
     lines += ["## Modules ranked by gain when lifted alone", "",
-              markdown_table(["module", "stage", "gain dB", "SQNR quantized alone", "quantizers", "int16"], rows), "",
+              markdown_table(["module", "stage", "gain dB", "SQNR quantized alone", "quantizers",
+                              *(["M MACs", "int16 extra bit-ops %"] if cost else []), "int16"], rows), "",
               "![sensitivity](sensitivity.png)", ""]
+    if cost is not None:
+        lines += pareto.markdown(search, task)
     return "\n".join(lines)
 
 

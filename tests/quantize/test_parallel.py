@@ -161,8 +161,14 @@ def test_quantize_with_sensitivity_and_map_on_two_workers_equals_serial(pool, sy
     assert serial.fidelity["task_map"]["int8"]["mAP"] > 0.5  # the model works: the comparison means something
     a, b = _results(tmp_path / "serial"), _results(tmp_path / "ray")
     assert a == b
-    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
-    assert manifest["workers"] == {"count": 2, "where": "2 Ray workers (local)"}
+    workers = json.loads((tmp_path / "ray" / "manifest.json").read_text())["workers"]
+    assert (workers["count"], workers["where"]) == (2, "2 Ray workers (local)")
+    # The same work items in the same maps, each timed where it ran (serially, calibration is one
+    # pass over the set, not a map of shards).
+    serial_maps = json.loads((tmp_path / "serial" / "manifest.json").read_text())["workers"]["maps"]
+    assert ([(m["description"], m["items"]) for m in workers["maps"] if m["description"] != "calibrating"]
+            == [(m["description"], m["items"]) for m in serial_maps])
+    assert all(m["item_s"] > 0 and m["wall_s"] >= m["slowest_item_s"] for m in workers["maps"])
     assert parallel.fidelity["task_map"] == serial.fidelity["task_map"]
 
 

@@ -52,6 +52,17 @@ def test_search_lifts_the_fewest_modules_that_meet_the_target(bev_recipe, bev_co
     assert manifest["quantizers"]["int16"] == sum(len(m["quantizers"]) for m in search["modules"]
                                                   if m["module"] in search["chosen"])
     assert (out / "sensitivity.png").stat().st_size > 1000 and "Greedy choice" in (out / "sensitivity.md").read_text()
+    # Cost: every module's MACs, the deformable samplers' too; an int16 set's extra adds up over its modules.
+    modules = {m["module"]: m for m in search["modules"]}
+    assert all(m["macs"] > 0 for m in modules.values())
+    assert any(name.endswith("sampler") for name in modules)
+    assert search["chosen_extra_cost"] == pytest.approx(sum(modules[m]["extra_cost"] for m in search["chosen"]))
+    pareto = search["pareto"]
+    chosen = pareto["points"][pareto["chosen"]]
+    assert chosen["modules"] == search["chosen"] and chosen["worst_sqnr_db"] == search["final_worst_sqnr_db"]
+    front = [pareto["points"][i] for i in pareto["front"]]
+    assert [p["extra_cost"] for p in front] == sorted(p["extra_cost"] for p in front)
+    assert (out / "pareto.png").stat().st_size > 1000 and "## Fidelity against cost" in (out / "sensitivity.md").read_text()
 
 
 def test_unreachable_target_names_the_closest_modules(bev_recipe, bev_converted_dir, tmp_path):
@@ -59,3 +70,12 @@ def test_unreachable_target_names_the_closest_modules(bev_recipe, bev_converted_
         quantize(_with(bev_recipe, target_sqnr_db=200.0, int16_budget=2), bev_converted_dir, tmp_path / "q",
                  int16_sensitive=True, quiet=True)
     assert not (tmp_path / "q").exists()
+
+
+def test_cost_budget_is_part_of_the_search(bev_recipe, bev_converted_dir, tmp_path, all_int8_worst):
+    recipe = _with(bev_recipe, target_sqnr_db=all_int8_worst + 0.5, int16_budget=6, int16_cost_budget=1e-12)
+    with pytest.raises(CheckFailedError, match=r"at most 6 modules and 0.00% extra bit-ops reaches.*int16_cost_budget"):
+        quantize(recipe, bev_converted_dir, tmp_path / "q", int16_sensitive=True, quiet=True)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match="int16_cost_budget"):
+        _with(bev_recipe, int16_cost_budget=-0.1)
