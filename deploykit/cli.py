@@ -230,6 +230,9 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
 @click.option("--int16-sensitive", is_flag=True,
               help="Choose the int16 modules by measured sensitivity (smallest set meeting the recipe's "
                    "target_sqnr_db within int16_budget) instead of the recipe's patterns.")
+@click.option("--latency-cost", is_flag=True,
+              help="With --int16-sensitive: time each int16 set on the Pareto front in ONNX Runtime (its ORT "
+                   "flavour, int16 as float islands) and report it beside the bit-op cost.")
 @click.option("--rig", type=click.Path(path_type=Path),
               help="Camera models: the rig file the model was converted with (checked; the rig is part of the model).")
 @click.option("--eval-scenes", type=click.IntRange(0),
@@ -244,8 +247,8 @@ def gate(candidates, baseline, update, store_models, against, threads, rounds, c
                    "workers default to its CPUs.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (warnings are still printed).")
 @handle_errors
-def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_scenes, workers, ray_address,
-             overwrite, quiet):
+def quantize(recipe, converted, out, calib, int16, int16_sensitive, latency_cost, rig, eval_scenes, workers,
+             ray_address, overwrite, quiet):
     """Calibrate int8 fake quantization (int16 where the recipe says) and measure its fidelity.
 
     \b
@@ -258,14 +261,15 @@ def quantize(recipe, converted, out, calib, int16, int16_sensitive, rig, eval_sc
       model.qdq.onnx           int8 + int16 Q/DQ (opset 21)
       model.ort.qdq.onnx       its ONNX Runtime flavour
     Only with --int16-sensitive:
-      sensitivity.json/.md/.png
+      sensitivity.json/.md/.png, pareto.png (fidelity against bit-op cost; with
+      --latency-cost also against ONNX Runtime latency)
     """
     from .quantize.fidelity import worst_output
     from .quantize.pipeline import quantize as run_quantize
 
     result = run_quantize(recipe, converted, out, calib=calib, int16=tuple(int16), int16_sensitive=int16_sensitive,
                           eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet,
-                          workers=workers, ray_address=ray_address)
+                          workers=workers, ray_address=ray_address, latency_cost=latency_cost)
     targets = result.fidelity["target_outputs"]
     for key, label in (("int8", "int8"), ("int8_int16", "int8+int16")):
         if key in result.fidelity:

@@ -258,8 +258,11 @@ def ort_flavour(model: onnx.ModelProto, output_ranges: dict[str, tuple[float, fl
     changes["maxpools_to_reducemax"] = axis_maxpools_to_reducemax(model, shapes, inits)
     changes["dead_nodes_removed"] = remove_dead_nodes(model)
     sort_topologically(model)
-    # Recorded types of quantized tensors are stale (int8 -> uint8): let ORT infer them.
-    q_outputs = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    # Recorded types of quantized tensors are stale (int8 -> uint8): let ORT infer them. That
+    # includes a Q's output now computed by a QLinear* contrib node (the masked decoration),
+    # which an exporter that ran shape inference (opset 21, int16 present) has recorded.
+    q_outputs = {o for n in model.graph.node if n.op_type == "QuantizeLinear" or n.domain == "com.microsoft"
+                 for o in n.output}
     kept = [v for v in model.graph.value_info if v.name not in q_outputs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)

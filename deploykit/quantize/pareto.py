@@ -92,20 +92,40 @@ def markdown(search, task: dict | None = None) -> list[str]:
         key = "all int8" if not p.modules else ("chosen" if p == chosen else None)
         return f"{task[key]:.4f}" if key in task else ""
 
-    rows = [[len(p.modules), f"{100 * p.extra_cost:.2f}", f"{p.worst_sqnr_db:.2f}",
+    timed = {frozenset(r["modules"]): r for r in search.latency or []}
+
+    def latency(p: Point) -> list[str]:
+        if search.latency is None:
+            return []
+        r = timed.get(frozenset(p.modules))
+        if r is None:
+            return ["", ""]
+        if not p.modules:
+            return [f"{r['median_ms']:.2f}", "1 (baseline)"]
+        lo, hi = r["ratio_ci95"]
+        return [f"{r['median_ms']:.2f}", f"{r['ratio_to_int8']:.3f} ({lo:.3f}-{hi:.3f})"]
+
+    shown = best + ([chosen] if not on_front else [])
+    rows = [[len(p.modules), f"{100 * p.extra_cost:.2f}", *latency(p), f"{p.worst_sqnr_db:.2f}",
              "yes" if p.worst_sqnr_db >= search.target_db else "", *([metric(p)] if task else []),
              "**chosen**" if p == chosen else ("next to chosen" if p in around else ""), p.source, _names(p)]
-            for p in best]
+            for p in shown]
     lines = ["## Fidelity against cost", "",
              f"Cost: the int16 set's extra bit-operations (MACs x weight bits x activation bits; int16 costs four "
              f"times int8) as a share of the all-int8 model's {cost.int8_bitops / 1e9:.2f} G bit-ops per sample. "
              f"{len(pts)} sets measured; the Pareto front (no measured set is both cheaper and better):", "",
-             markdown_table(["int16 modules", "extra bit-ops %", "worst SQNR dB", "meets target",
+             markdown_table(["int16 modules", "extra bit-ops %",
+                             *(["ORT ms", "x all int8 (95% CI)"] if search.latency is not None else []),
+                             "worst SQNR dB", "meets target",
                              *([task["metric"]] if task else []), "", "measured in", "modules"], rows), ""]
     if not on_front:
-        lines += [f"The chosen set ({100 * chosen.extra_cost:.2f}% extra, {chosen.worst_sqnr_db:.2f} dB) is not on "
-                  "the front: the greedy search adds the module that helps most, not the one that helps most per "
-                  "bit-op.", ""]
+        lines += [f"The chosen set (last row: {100 * chosen.extra_cost:.2f}% extra, {chosen.worst_sqnr_db:.2f} dB) is "
+                  "not on the front: the greedy search adds the module that helps most, not the one that helps "
+                  "most per bit-op.", ""]
+    if search.latency is not None:
+        lines += ["ORT ms: the set's ONNX Runtime flavour (int16 regions as float islands: ORT has no int16 "
+                  "kernels), one thread, timed interleaved with the all-int8 engine in one process "
+                  "(`--latency-cost`); the ratio is of medians with a 95% bootstrap interval.", ""]
     if cheapest is not None and cheapest != chosen and cheapest.extra_cost < chosen.extra_cost:
         lines += [f"Cheaper set that also meets {search.target_db:.1f} dB: {_names(cheapest)} "
                   f"({100 * cheapest.extra_cost:.2f}% extra, {cheapest.worst_sqnr_db:.2f} dB).", ""]
@@ -127,7 +147,11 @@ def plot(search, path, task: dict | None = None) -> None:
 
     pts = points(search)
     chosen, best = chosen_point(search, pts), front(pts)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    if search.latency is not None:
+        fig, (ax, lat) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+        _latency_panel(lat, search, chosen)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     ax.scatter([100 * p.extra_cost for p in pts], [p.worst_sqnr_db for p in pts], s=14, color="#9a9a9a",
                label="measured sets")
     ax.step([100 * p.extra_cost for p in best], [p.worst_sqnr_db for p in best], where="post", color="#4878a8",
@@ -150,3 +174,24 @@ def plot(search, path, task: dict | None = None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _latency_panel(ax, search, chosen: Point) -> None:
+    sqnr = {frozenset(p.modules): p.worst_sqnr_db for p in points(search)}
+    rows = search.latency
+    x = [r["ratio_to_int8"] for r in rows]
+    y = [sqnr[frozenset(r["modules"])] for r in rows]
+    # The all-int8 engine is the baseline: its ratio is 1 by definition, not a measurement.
+    err = [[0.0 if not r["modules"] else r["ratio_to_int8"] - r["ratio_ci95"][0] for r in rows],
+           [0.0 if not r["modules"] else r["ratio_ci95"][1] - r["ratio_to_int8"] for r in rows]]
+    x = [1.0 if not r["modules"] else v for r, v in zip(rows, x)]
+    ax.errorbar(x, y, xerr=err, fmt="o", color="#4878a8", ms=4, capsize=3, label="front sets (95% CI)")
+    for r, xi, yi in zip(rows, x, y):
+        if frozenset(r["modules"]) == frozenset(chosen.modules):
+            ax.scatter([xi], [yi], s=120, marker="*", color="#c44e52", zorder=5, label="chosen")
+    ax.axhline(search.target_db, color="#55a868", ls="--", lw=1)
+    ax.set_xlabel("ONNX Runtime latency / all-int8 (int16 as float islands)")
+    ax.set_ylabel("worst target-output SQNR (dB)")
+    ax.set_title("measured cost on ONNX Runtime", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)

@@ -128,21 +128,24 @@ def default_calib_set(recipe: Recipe, passes: list[str] | None = None) -> Path:
 def quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None = None,
              int16: tuple[str, ...] = (), int16_sensitive: bool = False, eval_scenes: int | None = None,
              rig: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
-             workers: int | None = None, ray_address: str | None = None) -> QuantizeResult:
+             workers: int | None = None, ray_address: str | None = None, latency_cost: bool = False) -> QuantizeResult:
     """``workers`` > 1 runs calibration, the int16 search and the mAP scoring on a local Ray
     instance of that many workers, ``ray_address`` on an existing cluster (Ray is an optional
-    extra); the results are the serial ones (deploykit.quantize.parallel).
+    extra); the results are the serial ones (deploykit.quantize.parallel). ``latency_cost``
+    (with ``int16_sensitive``) times the int16 sets of the search's Pareto front in ONNX
+    Runtime (deploykit.quantize.latency_cost).
     """
     from ..distributed import worker_pool
 
     with worker_pool(workers, ray_address) as pool:
         return _quantize(recipe, converted, out, calib=calib, int16=int16, int16_sensitive=int16_sensitive,
-                         eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet, pool=pool)
+                         eval_scenes=eval_scenes, rig=rig, overwrite=overwrite, quiet=quiet, pool=pool,
+                         latency_cost=latency_cost)
 
 
 def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Path, *, calib: str | Path | None,
               int16: tuple[str, ...], int16_sensitive: bool, eval_scenes: int | None, rig: str | Path | None,
-              overwrite: bool, quiet: bool, pool) -> QuantizeResult:
+              overwrite: bool, quiet: bool, pool, latency_cost: bool = False) -> QuantizeResult:
     """``recipe`` None takes the one the converted directory's manifest names.
     ``int16_sensitive`` replaces the recipe's hand-written int16 patterns with the
     smallest set of modules, ranked by measured sensitivity, that meets
@@ -164,7 +167,10 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
     user_source = load_calib_set(calib_path).source if calib_path is not None else None
     synthetic_eval = 0 if user_source else recipe.quantize.eval_scenes
     user_eval = bool(user_source and user_source.get("ground_truth") and eval_scenes != 0)
-    steps = Steps(5 + bool(int16_sensitive) + bool(synthetic_eval) + bool(user_source) + user_eval, quiet=quiet)
+    if latency_cost and not int16_sensitive:
+        raise InputError("--latency-cost times the int16 sets the sensitivity search measured: add --int16-sensitive")
+    steps = Steps(5 + bool(int16_sensitive) + bool(synthetic_eval) + bool(user_source) + user_eval + latency_cost,
+                  quiet=quiet)
     if synthetic_eval and ARCHITECTURES[recipe.arch].labelled_scenes is None:
         raise RecipeError(f"{recipe.name}: [quantize] eval_scenes needs ground truth, which the {recipe.arch} "
                           "sample generator cannot label; set eval_scenes = 0, or calibrate on annotated data "
@@ -247,6 +253,12 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
         frames = data.eval_frames(eval_scenes)
         with steps.step(f"score float and quantized models in nuScenes NDS on {len(frames)} held-out frames"):
             report["task_nds"] = _task_nds(data, frames, model, qmodel, lifted, configurations, quiet, pool)
+    if latency_cost:
+        from .latency_cost import front_latency
+
+        with steps.step("time the int16 sets of the Pareto front in ONNX Runtime"):
+            search.latency = front_latency(search, qmodel, active, samples[0].feeds, opset=recipe.convert.opset,
+                                           output_ranges=output_ranges, quiet=quiet)
     extra = (data.warnings if data else []) + _suspect_warning(calib_set, suspects, report)
     print_warnings(extra)
     with atomic_directory(out, overwrite=overwrite) as scratch:

@@ -52,6 +52,7 @@ class Search:
     stages: tuple[tuple[str, str], ...] = ()
     cost: CostModel | None = None  # bit-ops per module
     cost_budget: float = 0.0  # most extra bit-ops of the int16 set, as a fraction of all int8's (0: none)
+    latency: list[dict] | None = None  # ORT latency of the front's sets (deploykit.quantize.latency_cost)
 
     def stage(self, module: str) -> str:
         # Stage prefixes are module paths, "." or "/" separated (the profiler reads ONNX node names).
@@ -83,7 +84,8 @@ class Search:
                 "chosen_extra_cost": None if self.cost is None else self.cost.extra(self.chosen), "steps": self.steps,
                 "modules": [{**m.__dict__, "stage": self.stage(m.module), **costs.get(m.module, {})}
                             for m in self.modules],
-                **({} if self.cost is None else {"cost": self.cost.to_dict(), "pareto": pareto.summary(self)})}
+                **({} if self.cost is None else {"cost": self.cost.to_dict(), "pareto": pareto.summary(self)}),
+                **({} if self.latency is None else {"latency_onnxruntime": self.latency})}
 
 
 def group_modules(names: list[str]) -> dict[str, list[str]]:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from deploykit.errors import CheckFailedError
+from deploykit.errors import CheckFailedError, InputError
 from deploykit.quantize.pipeline import quantize
 from deploykit.quantize.sensitivity import group_modules
 
@@ -79,3 +79,28 @@ def test_cost_budget_is_part_of_the_search(bev_recipe, bev_converted_dir, tmp_pa
     assert not (tmp_path / "q").exists()
     with pytest.raises(ValueError, match="int16_cost_budget"):
         _with(bev_recipe, int16_cost_budget=-0.1)
+
+
+def test_latency_cost_times_the_front_on_onnxruntime(synth_converted_dir, tmp_path):
+    """--latency-cost: every front set (all int8 first) built as its ORT flavour and timed
+    against all int8; on this recipe the front holds int16 sets in the pillar encoder and in
+    the heads, so the ORT flavour of a head-only int16 set is exercised (it once failed to load)."""
+    from deploykit.recipe import load_recipe
+
+    recipe = load_recipe("centerpoint_pillar_synth")
+    # A target these few samples reach in a step or two (all int8 is about 18 dB on them).
+    recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, calib_samples=4,
+                                                                      target_sqnr_db=19.0, int16_budget=3),
+                                 check=dataclasses.replace(recipe.check, samples=1))
+    out = tmp_path / "q"
+    quantize(recipe, synth_converted_dir, out, int16_sensitive=True, eval_scenes=0, quiet=True, latency_cost=True)
+    search = json.loads((out / "sensitivity.json").read_text())
+    rows, pareto = search["latency_onnxruntime"], search["pareto"]
+    front = [pareto["points"][i]["modules"] for i in pareto["front"]]
+    assert rows[0]["modules"] == [] and rows[0]["ratio_to_int8"] == 1.0
+    assert [r["modules"] for r in rows[1:len(front)]] == [m for m in front if m]
+    assert any(m and not any(x.startswith("pts_voxel_encoder") for x in m) for m in front)
+    assert all(r["median_ms"] > 0 and r["ratio_ci95"][0] <= r["ratio_to_int8"] <= r["ratio_ci95"][1] for r in rows)
+    assert "| ORT ms |" in (out / "sensitivity.md").read_text()
+    with pytest.raises(InputError, match="--int16-sensitive"):
+        quantize(recipe, synth_converted_dir, tmp_path / "q2", quiet=True, latency_cost=True)
