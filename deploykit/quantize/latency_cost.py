@@ -18,12 +18,12 @@ from . import pareto
 from .insert import set_bits
 
 
-def front_latency(search, qmodel, active: list[str], feeds: dict, *, opset: int, output_ranges: dict | None = None,
-                  rounds: int = 30, threads: int | None = None, quiet: bool = True) -> list[dict]:
+def front_latency(search, qmodel, active: list[str], lifted: list[str], feeds: dict, *, opset: int,
+                  output_ranges: dict | None = None, rounds: int = 30, threads: int = 1,
+                  quiet: bool = True) -> list[dict]:
     """One row per set timed (all int8 first, then the front's sets by cost, then the chosen
-    set if it is not on the front): its modules,
-    median ms, ratio to all int8 and 95% interval. Leaves ``qmodel``'s bits as it found them
-    for ``active`` (int8) and the chosen set (int16)."""
+    set if it is not on the front): its modules, median ms, ratio to all int8 and 95%
+    interval. ``qmodel`` is left with ``active`` in int8 and ``lifted`` in int16."""
     import onnx
 
     from ..bench import compare_engines
@@ -45,7 +45,7 @@ def front_latency(search, qmodel, active: list[str], feeds: dict, *, opset: int,
             onnx.save(graph, str(path))
             variants[str(i)] = (path, feeds, "function")
         set_bits(qmodel, active, 8)
-        set_bits(qmodel, search.chosen_quantizers(), 16)
-        rows = compare_engines(variants, "0", rounds=rounds, threads=threads or 1)
+        set_bits(qmodel, lifted, 16)
+        rows = compare_engines(variants, "0", rounds=rounds, threads=threads)
     return [{"modules": list(modules), "median_ms": r["median_ms"], "ratio_to_int8": r["ratio_to_baseline"],
              "ratio_ci95": r["ratio_ci95"], "runs": r["runs"]} for modules, r in zip(sets, rows)]

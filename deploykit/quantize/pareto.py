@@ -58,12 +58,16 @@ def chosen_point(search, pts: list[Point]) -> Point:
     return next(p for p in pts if frozenset(p.modules) == key)
 
 
+def cheapest_meeting_target(search, pts: list[Point]) -> Point | None:
+    meeting = [p for p in pts if p.worst_sqnr_db >= search.target_db]
+    return min(meeting, key=lambda p: (p.extra_cost, -p.worst_sqnr_db), default=None)
+
+
 def summary(search) -> dict:
     pts = points(search)
     chosen = chosen_point(search, pts)
     best = front(pts)
-    meeting = [p for p in pts if p.worst_sqnr_db >= search.target_db]
-    cheapest = min(meeting, key=lambda p: (p.extra_cost, -p.worst_sqnr_db), default=None)
+    cheapest = cheapest_meeting_target(search, pts)
     return {"points": [p.to_dict() for p in pts], "front": [pts.index(p) for p in best], "chosen": pts.index(chosen),
             "cheapest_meeting_target": None if cheapest is None else pts.index(cheapest)}
 
@@ -80,8 +84,7 @@ def markdown(search, task: dict | None = None) -> list[str]:
     pts = points(search)
     chosen, best = chosen_point(search, pts), front(pts)
     cost = search.cost
-    meeting = [p for p in pts if p.worst_sqnr_db >= search.target_db]
-    cheapest = min(meeting, key=lambda p: (p.extra_cost, -p.worst_sqnr_db), default=None)
+    cheapest = cheapest_meeting_target(search, pts)
     on_front = chosen in best
     i = best.index(chosen) if on_front else None
     around = set(best[max(0, i - 1):i + 2]) if on_front else set()
@@ -179,12 +182,11 @@ def plot(search, path, task: dict | None = None) -> None:
 def _latency_panel(ax, search, chosen: Point) -> None:
     sqnr = {frozenset(p.modules): p.worst_sqnr_db for p in points(search)}
     rows = search.latency
-    x = [r["ratio_to_int8"] for r in rows]
-    y = [sqnr[frozenset(r["modules"])] for r in rows]
     # The all-int8 engine is the baseline: its ratio is 1 by definition, not a measurement.
-    err = [[0.0 if not r["modules"] else r["ratio_to_int8"] - r["ratio_ci95"][0] for r in rows],
-           [0.0 if not r["modules"] else r["ratio_ci95"][1] - r["ratio_to_int8"] for r in rows]]
-    x = [1.0 if not r["modules"] else v for r, v in zip(rows, x)]
+    x = [r["ratio_to_int8"] if r["modules"] else 1.0 for r in rows]
+    y = [sqnr[frozenset(r["modules"])] for r in rows]
+    err = [[r["ratio_to_int8"] - r["ratio_ci95"][0] if r["modules"] else 0.0 for r in rows],
+           [r["ratio_ci95"][1] - r["ratio_to_int8"] if r["modules"] else 0.0 for r in rows]]
     ax.errorbar(x, y, xerr=err, fmt="o", color="#4878a8", ms=4, capsize=3, label="front sets (95% CI)")
     for r, xi, yi in zip(rows, x, y):
         if frozenset(r["modules"]) == frozenset(chosen.modules):

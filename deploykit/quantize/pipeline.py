@@ -257,8 +257,8 @@ def _quantize(recipe: Recipe | str | None, converted: str | Path, out: str | Pat
         from .latency_cost import front_latency
 
         with steps.step("time the int16 sets of the Pareto front in ONNX Runtime"):
-            search.latency = front_latency(search, qmodel, active, samples[0].feeds, opset=recipe.convert.opset,
-                                           output_ranges=output_ranges, quiet=quiet)
+            search.latency = front_latency(search, qmodel, active, lifted, samples[0].feeds,
+                                           opset=recipe.convert.opset, output_ranges=output_ranges, quiet=quiet)
     extra = (data.warnings if data else []) + _suspect_warning(calib_set, suspects, report)
     print_warnings(extra)
     with atomic_directory(out, overwrite=overwrite) as scratch:
