@@ -1,7 +1,8 @@
 """Fidelity against cost of the int16 sets the search measured, in the manner of AIMET's AMP.
 
 Every configuration the search ran is a point: all int8 (no extra cost), each module
-lifted alone, and each greedy step's candidates on top of the set so far. Its cost is the
+lifted alone, each greedy step's candidates on top of the set so far, and the chosen set
+without each module it tried to drop. Its cost is the
 extra bit-operations of its int16 set (deploykit.quantize.cost), its fidelity the worst
 target-output SQNR. The Pareto front is the points no other point beats on both; the
 chosen set is marked, with the front's points on either side of it, the alternatives a
@@ -18,7 +19,7 @@ class Point:
     modules: tuple[str, ...]  # the int16 set, in the order it was built
     worst_sqnr_db: float
     extra_cost: float  # extra bit-ops as a fraction of the all-int8 model's
-    source: str  # "all int8", "lifted alone", "greedy step N"
+    source: str  # "all int8", "lifted alone", "greedy step N", "pruning"
 
     def to_dict(self) -> dict:
         return {"modules": list(self.modules), "worst_sqnr_db": self.worst_sqnr_db, "extra_cost": self.extra_cost,
@@ -36,6 +37,11 @@ def points(search) -> list[Point]:
             modules = chosen + (t["module"],)
             out.append(Point(modules, t["worst_sqnr_db"], cost.extra(modules), f"greedy step {i + 1}"))
         chosen += (step["module"],)
+    for p in search.pruning:
+        trial = tuple(m for m in chosen if m != p["module"])
+        out.append(Point(trial, p["worst_sqnr_db"], cost.extra(trial), "pruning"))
+        if p["dropped"]:
+            chosen = trial
     seen, unique = set(), []
     for p in out:
         if frozenset(p.modules) not in seen:

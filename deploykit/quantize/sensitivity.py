@@ -14,8 +14,10 @@ worst output SQNR meets the recipe's target: each step measures the best-ranked
 few remaining modules on top of the set so far and adds the one that helps most
 then. The search stops at the budget (in modules, and optionally in extra
 bit-operations, deploykit.quantize.cost) and, if the target is still out of reach,
-says how close the best set came. Every set it measured is a point of fidelity
-against cost (deploykit.quantize.pareto).
+says how close the best set came. Once it is met, each chosen module, the most
+expensive first, is tried without: one added early may have been made redundant by
+later ones, and is dropped if the set meets the target without it. Every set it
+measured is a point of fidelity against cost (deploykit.quantize.pareto).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Search:
     cost: CostModel | None = None  # bit-ops per module
     cost_budget: float = 0.0  # most extra bit-ops of the int16 set, as a fraction of all int8's (0: none)
     latency: list[dict] | None = None  # ORT latency of the front's sets (deploykit.quantize.latency_cost)
+    pruning: list[dict] = field(default_factory=list)  # each chosen module tried without, after the greedy steps
 
     def stage(self, module: str) -> str:
         # Stage prefixes are module paths, "." or "/" separated (the profiler reads ONNX node names).
@@ -62,7 +65,15 @@ class Search:
 
     @property
     def final_sqnr_db(self) -> float:
+        dropped = [p for p in self.pruning if p["dropped"]]
+        if dropped:  # the set is the one measured at the last drop
+            return dropped[-1]["worst_sqnr_db"]
         return self.steps[-1]["worst_sqnr_db"] if self.steps else self.baseline_sqnr_db
+
+    @property
+    def greedy(self) -> list[str]:
+        """The set the greedy steps built, before pruning."""
+        return [s["module"] for s in self.steps]
 
     @property
     def met(self) -> bool:
@@ -82,6 +93,7 @@ class Search:
                 "cost_budget": self.cost_budget, "met": self.met, "final_worst_sqnr_db": self.final_sqnr_db,
                 "chosen": self.chosen,
                 "chosen_extra_cost": None if self.cost is None else self.cost.extra(self.chosen), "steps": self.steps,
+                "pruning": self.pruning,
                 "modules": [{**m.__dict__, "stage": self.stage(m.module), **costs.get(m.module, {})}
                             for m in self.modules],
                 **({} if self.cost is None else {"cost": self.cost.to_dict(), "pareto": pareto.summary(self)}),
@@ -173,7 +185,28 @@ def search_int16(qmodel, active: list[str], samples, references, *, target_db: f
                              "tried": [{"module": m.module, "worst_sqnr_db": t} for t, m in zip(tried, candidates)]})
         if worst >= target_db:
             break
+    if result.met and len(result.chosen) > 1:
+        _prune(result, evaluate, active, quiet)
     return _restore(qmodel, active, result)
+
+
+def _prune(result: Search, evaluate, active: tuple[str, ...], quiet: bool) -> None:
+    """Gains do not add up: a module the greedy steps added early can be redundant once later
+    ones are in. Try the set without each chosen module, the most expensive first (by MACs,
+    else the smallest gain), and drop it where the target still holds."""
+    names = {m.module: m.quantizers for m in result.modules}
+    gain = {m.module: m.gain_db for m in result.modules}
+    macs = result.cost.macs if result.cost is not None else {}
+    kept = list(result.chosen)
+    for module in sorted(result.chosen, key=lambda m: (-macs.get(m, 0), gain[m])):
+        trial = [m for m in kept if m != module]
+        worst = evaluate([Configuration(active, tuple(q for m in trial for q in names[m]))],
+                         f"int16 pruning: without {module}", quiet)[0]
+        dropped = bool(worst >= result.target_db)
+        result.pruning.append({"module": module, "worst_sqnr_db": worst, "dropped": dropped})
+        if dropped:
+            kept = trial
+    result.chosen = kept
 
 
 def _restore(qmodel, active: tuple[str, ...], result: Search) -> Search:
@@ -219,6 +252,12 @@ def markdown(search: Search, recipe: str, task: dict | None = None) -> str:
                                   *(["extra bit-ops % after"] if cost else [])],
                                  [[s["module"], search.stage(s["module"]), f"{s['worst_sqnr_db']:.1f}",
                                    *([pct(s["extra_cost"])] if cost else [])] for s in search.steps]), ""]
+    if any(p["dropped"] for p in search.pruning):
+        lines += ["## Pruning", "", "Each chosen module tried without, after the greedy steps (most expensive first); "
+                  "dropped where the set still met the target:", "",
+                  markdown_table(["without", "worst SQNR dB", "dropped"],
+                                 [[p["module"], f"{p['worst_sqnr_db']:.1f}", "yes" if p["dropped"] else ""]
+                                  for p in search.pruning]), ""]
     chosen = set(search.chosen)
     if chosen and search.stages:
         per_stage: dict[str, int] = {}

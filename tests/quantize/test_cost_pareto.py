@@ -127,3 +127,30 @@ def test_front_drops_dominated_and_equal_points():
     a, b = Point((), 20.0, 0.0, "all int8"), Point(("x",), 25.0, 0.1, "lifted alone")
     worse, same = Point(("y",), 22.0, 0.2, "lifted alone"), Point(("z",), 25.0, 0.3, "lifted alone")
     assert front([worse, b, same, a]) == [a, b]
+
+
+def test_a_module_made_redundant_by_later_ones_is_pruned(toy):
+    """big helps most alone and is chosen first; head and small then meet the target together
+    (their joint gain is more than the sum), without big. Pruning tries the most expensive first,
+    drops big, and keeps the two that are still needed."""
+    cost = measure_macs(toy, FEEDS, group_modules(list(quantizers(toy))))
+    groups = group_modules(list(quantizers(toy)))
+    owner = {q: m for m, names in groups.items() for q in names}
+    gains = {"big": 3.0, "head": 1.0, "small": 0.9, "add": 0.1}
+
+    def evaluate(configs, description, quiet=False):
+        out = []
+        for c in configs:
+            lifted = {owner[q] for q in c.int16}
+            out.append(20.0 + sum(gains.get(m, 0.0) for m in lifted) + 6.0 * ({"head", "small"} <= lifted))
+        return out
+
+    search = search_int16(toy, list(owner), [], [], target_db=27.0, budget=4, evaluate=evaluate, quiet=True, cost=cost)
+    assert search.greedy == ["big", "head", "small"]
+    assert search.chosen == ["head", "small"] and search.met
+    assert search.final_sqnr_db == pytest.approx(27.9)
+    assert [(p["module"], p["dropped"]) for p in search.pruning] == [("big", True), ("small", False), ("head", False)]
+    assert cost.extra(search.chosen) < cost.extra(search.greedy)
+    pts = points(search)
+    assert summary(search)["chosen"] == [frozenset(p.modules) for p in pts].index(frozenset(["head", "small"]))
+    assert "## Pruning" in markdown(search, "toy")
