@@ -153,7 +153,19 @@ def cost_model(one_thread: dict, parallel: dict, scale: dict[str, float] | None 
             "wall_s_this_machine": {str(w): wall_here(w) for w in workers_list if w <= n}}
 
 
-def bench(recipe_name: str, workers: list[int], eval_scenes: int, tmp: Path) -> dict:
+def _median_run(repeats: list[dict]) -> dict:
+    """One run's figures over its repeats: medians of the wall, step and map times."""
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    first = repeats[0]
+    return {**{k: first[k] for k in ("label", "workers", "threads")},
+            "wall_s": med([r["wall_s"] for r in repeats]), "walls_s": [r["wall_s"] for r in repeats],
+            "steps": {k: med([r["steps"][k] for r in repeats]) for k in first["steps"]},
+            "maps": {k: {"items": first["maps"][k]["items"],
+                         **{f: med([r["maps"][k][f] for r in repeats]) for f in ("item_s", "wall_s")}}
+                     for k in first["maps"]}}
+
+
+def bench(recipe_name: str, workers: list[int], eval_scenes: int, repeats: int, tmp: Path) -> dict:
     import torch
 
     from deploykit.memory import keep_freed_memory
@@ -162,36 +174,39 @@ def bench(recipe_name: str, workers: list[int], eval_scenes: int, tmp: Path) -> 
     recipe = load_recipe(recipe_name)
     converted = tmp / "converted"
     convert(recipe, converted, quiet=True)
-    runs: dict[str, dict] = {}
     # Serial at the default threads is what a user runs; serial at one thread is what each
     # worker computes with (PyTorch's CPU convolutions round differently with the thread count),
-    # so the workers' results must equal it bit for bit.
-    for label, n, threads in [("serial", 1, None), ("serial, 1 thread", 1, 1)] + [
-            (f"--workers {w}", w, None) for w in workers]:
-        out = tmp / label.replace(" ", "").replace(",", "-")
-        default_threads = torch.get_num_threads()
-        torch.set_num_threads(threads or default_threads)
-        start = time.perf_counter()
-        try:
-            quantize(recipe, converted, out, int16_sensitive=True, eval_scenes=eval_scenes, quiet=True,
-                     workers=None if n == 1 else n)
-        finally:
-            torch.set_num_threads(default_threads)
-        wall = time.perf_counter() - start
-        manifest = json.loads((out / "manifest.json").read_text())
-        run = {"label": label, "workers": n, "threads": threads or default_threads, "wall_s": wall,
-               "steps": step_times(manifest), "maps": map_steps(manifest), "dir": out}
-        runs[label] = run
-        print(f"{label}: {wall:.1f} s {run['steps']}", flush=True)
-    reference, exact = compared(runs["serial"]["dir"]), compared(runs["serial, 1 thread"]["dir"])
-    for run in runs.values():
-        got = compared(run.pop("dir"))
-        run["vs_serial"] = differences(reference, got)
-        run["vs_serial_1_thread"] = differences(exact, got)
-    one, parallel = runs["serial, 1 thread"], runs[f"--workers {max(workers)}"]
+    # so the workers' results must equal it bit for bit. The runs rotate, ``repeats`` times: this
+    # shared machine's speed drifts by more than the differences measured.
+    plan = [("serial", 1, None), ("serial, 1 thread", 1, 1)] + [(f"--workers {w}", w, None) for w in workers]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in plan}
+    for r in range(repeats):
+        for label, n, threads in plan:
+            out = tmp / f"{label.replace(' ', '').replace(',', '-')}-{r}"
+            default_threads = torch.get_num_threads()
+            torch.set_num_threads(threads or default_threads)
+            start = time.perf_counter()
+            try:
+                quantize(recipe, converted, out, int16_sensitive=True, eval_scenes=eval_scenes, quiet=True,
+                         workers=None if n == 1 else n)
+            finally:
+                torch.set_num_threads(default_threads)
+            wall = time.perf_counter() - start
+            manifest = json.loads((out / "manifest.json").read_text())
+            runs[label].append({"label": label, "workers": n, "threads": threads or default_threads, "wall_s": wall,
+                                "steps": step_times(manifest), "maps": map_steps(manifest), "dir": out})
+            print(f"{label} ({r + 1}/{repeats}): {wall:.1f} s {runs[label][-1]['steps']}", flush=True)
+    reference, exact = compared(runs["serial"][0]["dir"]), compared(runs["serial, 1 thread"][0]["dir"])
+    summary = {}
+    for label, reps in runs.items():
+        got = [compared(rep.pop("dir")) for rep in reps]
+        summary[label] = {**_median_run(reps), "vs_serial": differences(reference, got[0]),
+                          "vs_serial_1_thread": differences(exact, got[0]),
+                          "repeats_identical": all(g == got[0] for g in got)}
+    one, parallel = summary["serial, 1 thread"], summary[f"--workers {max(workers)}"]
     scenes_scale = NUSCENES_VAL / max(1, eval_scenes)
-    return {"recipe": recipe_name, "eval_scenes": eval_scenes, "runs": list(runs.values()),
-            "speedup": {label: runs["serial"]["wall_s"] / r["wall_s"] for label, r in runs.items()},
+    return {"recipe": recipe_name, "eval_scenes": eval_scenes, "repeats": repeats, "runs": list(summary.values()),
+            "speedup": {label: summary["serial"]["wall_s"] / r["wall_s"] for label, r in summary.items()},
             "transfer_bytes": transfer_bytes(converted, recipe),
             "model": cost_model(one, parallel),
             "nuscenes_val": cost_model(one, parallel, {"mAP scoring": scenes_scale})}
@@ -202,7 +217,8 @@ def markdown(report: dict) -> str:
     lines = [f"# quantize at scale: {r['recipe']}, serial vs Ray workers", "",
              f"{report['date']}, {report['machine'].get('cpu', '')}, {report['machine'].get('cpus', '?')} CPUs; "
              f"`python benchmarks/bench_scale.py`. `quantize --int16-sensitive`, mAP on {r['eval_scenes']} "
-             "labelled scenes, the recipe's calibration set.", "",
+             f"labelled scenes, the recipe's calibration set. The runs rotate {r['repeats']} times; medians, "
+             "wall time also min-max (this shared machine's speed drifts between runs).", "",
              "| run | threads | wall s | calibration s | int16 search s | mAP scoring s | other s | speed-up "
              "| vs serial, 1 thread | vs serial |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
 
@@ -214,7 +230,8 @@ def markdown(report: dict) -> str:
 
     for run in r["runs"]:
         s = run["steps"]
-        lines.append(f"| {run['label']} | {run['threads']} | {run['wall_s']:.1f} | {s['calibration']:.1f} | "
+        lines.append(f"| {run['label']} | {run['threads']} | {run['wall_s']:.1f} ({min(run['walls_s']):.1f}-"
+                     f"{max(run['walls_s']):.1f}) | {s['calibration']:.1f} | "
                      f"{s['int16 search']:.1f} | {s['mAP scoring']:.1f} | {s['other']:.1f} | "
                      f"{r['speedup'][run['label']]:.2f}x | {verdict(run['vs_serial_1_thread'])} | "
                      f"{verdict(run['vs_serial'])} |")
@@ -269,10 +286,11 @@ def main() -> None:
     parser.add_argument("--recipe", default="centerpoint_pillar_synth")
     parser.add_argument("--workers", default="2", help="comma-separated worker counts to run besides serial")
     parser.add_argument("--eval-scenes", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="rotations of the runs; medians are reported")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        result = bench(args.recipe, workers, args.eval_scenes, Path(tmp))
+        result = bench(args.recipe, workers, args.eval_scenes, args.repeats, Path(tmp))
     report = {"date": datetime.date.today().isoformat(), "machine": {**machine_info(), "cpus": os.cpu_count()},
               "result": result}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -281,6 +299,8 @@ def main() -> None:
     print((RESULTS / "scale.md").read_text())
     if any(not run["vs_serial_1_thread"]["identical"] for run in result["runs"] if run["workers"] > 1):
         sys.exit("results on workers differ from the serial ones at the same thread count")
+    if not all(run["repeats_identical"] for run in result["runs"]):
+        sys.exit("a run's repeats differ from each other")
 
 
 if __name__ == "__main__":
