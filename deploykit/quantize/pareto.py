@@ -37,11 +37,7 @@ def points(search) -> list[Point]:
             modules = chosen + (t["module"],)
             out.append(Point(modules, t["worst_sqnr_db"], cost.extra(modules), f"greedy step {i + 1}"))
         chosen += (step["module"],)
-    for p in search.pruning:
-        trial = tuple(m for m in chosen if m != p["module"])
-        out.append(Point(trial, p["worst_sqnr_db"], cost.extra(trial), "pruning"))
-        if p["dropped"]:
-            chosen = trial
+    out += [Point(tuple(p["modules"]), p["worst_sqnr_db"], cost.extra(p["modules"]), "pruning") for p in search.pruning]
     seen, unique = set(), []
     for p in out:
         if frozenset(p.modules) not in seen:

@@ -55,7 +55,8 @@ class Search:
     cost: CostModel | None = None  # bit-ops per module
     cost_budget: float = 0.0  # most extra bit-ops of the int16 set, as a fraction of all int8's (0: none)
     latency: list[dict] | None = None  # ORT latency of the front's sets (deploykit.quantize.latency_cost)
-    pruning: list[dict] = field(default_factory=list)  # each chosen module tried without, after the greedy steps
+    # Each chosen module tried without, after the greedy steps: the set tried ("modules") and its SQNR.
+    pruning: list[dict] = field(default_factory=list)
 
     def stage(self, module: str) -> str:
         # Stage prefixes are module paths, "." or "/" separated (the profiler reads ONNX node names).
@@ -203,7 +204,7 @@ def _prune(result: Search, evaluate, active: tuple[str, ...], quiet: bool) -> No
         worst = evaluate([Configuration(active, tuple(q for m in trial for q in names[m]))],
                          f"int16 pruning: without {module}", quiet)[0]
         dropped = bool(worst >= result.target_db)
-        result.pruning.append({"module": module, "worst_sqnr_db": worst, "dropped": dropped})
+        result.pruning.append({"module": module, "modules": trial, "worst_sqnr_db": worst, "dropped": dropped})
         if dropped:
             kept = trial
     result.chosen = kept
